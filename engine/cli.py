@@ -1,0 +1,49 @@
+"""`python -m engine <command>`: each command lives in its own engine/cmd_*.py module that
+defines `register(subparsers)`; the parser sets `func(args) -> int`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from engine.errors import TernError
+
+COMMAND_MODULES = [
+    "engine.cmd_info",
+    "engine.cmd_make_test_model",
+    "engine.cmd_generate",
+    "engine.cmd_score",
+    "engine.cmd_chat",
+    "engine.cmd_convert",
+    "engine.cmd_bench",
+    "engine.cmd_download",
+    "engine.cmd_models",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Tern engine command line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # TODO(integration): remove once every command exists
+            if exc.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except TernError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
