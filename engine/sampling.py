@@ -1,0 +1,162 @@
+"""Token sampling: repetition penalty, top-k, top-p, min-p, temperature, then a seeded draw.
+
+The order of the filters is llama.cpp's default sampler chain (penalties → top-k → top-p →
+min-p → temperature → dist), so a given set of settings means the same thing in Tern as in
+llama.cpp-based apps. Note what that order implies: top-p and min-p see the probabilities at
+temperature 1, and temperature only reshapes the draw among the survivors.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import TernError
+
+# Top-p without top-k would need a full sort of the vocabulary (128k entries) per token; the
+# nucleus almost always lies within the best few hundred, so try that many first (exact: the
+# normalisation still runs over every candidate) and fall back to a full sort when it does not.
+_NUCLEUS_PROBE = 1024
+
+
+class SamplerParamsError(TernError, ValueError):
+    """A sampler setting outside its valid range."""
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    temperature: float = 0.8     # <= 0: greedy (the highest logit after the penalty, lowest id on ties)
+    top_k: int = 40              # <= 0: off
+    top_p: float = 0.95          # >= 1: off
+    min_p: float = 0.05          # <= 0: off; keeps p >= min_p * p_max
+    repeat_penalty: float = 1.0  # 1: off; > 1 discourages the recent tokens
+    repeat_last_n: int = 64      # how many recent tokens the penalty looks at; 0: off, -1: all
+    seed: int | None = None      # None: a fresh random seed per sampler
+
+    def __post_init__(self):
+        checks = [
+            (math.isfinite(self.temperature), "temperature must be finite"),
+            (0.0 <= self.top_p, "top_p must be >= 0"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty), "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1"),
+            (self.seed is None or self.seed >= 0, "seed must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SamplerParamsError(f"{message} (got {self})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @classmethod
+    def greedy_params(cls) -> "SamplerParams":
+        return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+class Sampler:
+    """Picks the next token from a logit vector. One instance per generation: its random
+    stream is seeded once, so the same seed and the same logits give the same tokens."""
+
+    def __init__(self, params: SamplerParams):
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """logits: (n_vocab,) float; history: the ids already in the context, oldest first
+        (the prompt and the reply so far), for the repetition penalty."""
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.ndim != 1 or logits.size == 0:
+            raise SamplerParamsError(f"expected a 1-D logit vector, got shape {logits.shape}")
+        logits = apply_repeat_penalty(logits, history, self.params.repeat_penalty, self.params.repeat_last_n)
+        if self.params.greedy:
+            return int(np.argmax(logits))  # first maximum = lowest id on ties
+        ids, kept = filter_candidates(logits, self.params)
+        return int(ids[self._draw(kept / self.params.temperature)])
+
+    def _draw(self, logits: np.ndarray) -> int:
+        probs = np.exp(logits.astype(np.float64) - logits.max())
+        cumulative = np.cumsum(probs)
+        target = self._rng.random() * cumulative[-1]
+        return min(int(np.searchsorted(cumulative, target, side="right")), len(probs) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The filters, each usable on its own (the tests check them one by one)
+# ---------------------------------------------------------------------------------------------
+
+def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
+    """llama.cpp's repetition penalty: each distinct id among the last `last_n` of `history`
+    has its logit divided by `penalty` if positive, multiplied by it otherwise. Returns a copy."""
+    if penalty == 1.0 or last_n == 0 or len(history) == 0:
+        return logits
+    recent = history if last_n < 0 else history[-last_n:]
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < logits.size)]
+    out = logits.copy()
+    values = out[ids]
+    out[ids] = np.where(values <= 0, values * penalty, values / penalty)
+    return out
+
+
+def filter_candidates(logits: np.ndarray, params: SamplerParams) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k, then top-p, then min-p. Returns (ids, logits) of the survivors, never empty;
+    best first (ties in id order) whenever any filter is on."""
+    use_top_p = params.top_p < 1.0
+    if params.top_k > 0:
+        ids = _sorted_ids(logits, _top_k_ids(logits, params.top_k))
+        if use_top_p:
+            ids = _top_p(logits, ids, params.top_p)
+    elif use_top_p:
+        ids = _top_p_full(logits, params.top_p)
+    elif params.min_p > 0.0:
+        ids = _sorted_ids(logits, np.flatnonzero(logits >= logits.max() + math.log(params.min_p)))
+    else:
+        ids = np.arange(logits.size)
+    kept = logits[ids]
+    if params.min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + ln(min_p); the best one always stays
+        keep = kept >= kept.max() + math.log(params.min_p)
+        ids, kept = ids[keep], kept[keep]
+    return ids, kept
+
+
+def _sorted_ids(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`ids` ordered by descending logit, ascending id among equal logits."""
+    return ids[np.lexsort((ids, -logits[ids]))]
+
+
+def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k best ids (unordered); among equal logits at the cut, the lowest ids."""
+    if k >= logits.size:
+        return np.arange(logits.size)
+    threshold = np.partition(logits, logits.size - k)[logits.size - k]
+    above = np.flatnonzero(logits > threshold)
+    at = np.flatnonzero(logits == threshold)[: k - above.size]
+    return np.concatenate([above, at])
+
+
+def _top_p(logits: np.ndarray, ids: np.ndarray, p: float) -> np.ndarray:
+    """Keep the shortest prefix of the best-first `ids` whose probability (softmax over all
+    of `ids`) reaches p — the token that crosses p included, at least one token."""
+    values = logits[ids].astype(np.float64)
+    weights = np.exp(values - values[0])
+    return ids[:_nucleus_size(np.cumsum(weights) / weights.sum(), p)]
+
+
+def _top_p_full(logits: np.ndarray, p: float) -> np.ndarray:
+    """Top-p over the whole vocabulary, sorting only the best few hundred when they suffice."""
+    values = logits.astype(np.float64)
+    total = np.exp(values - values.max()).sum()
+    probe = _sorted_ids(logits, _top_k_ids(logits, min(_NUCLEUS_PROBE, logits.size)))
+    cumulative = np.cumsum(np.exp(values[probe] - values.max())) / total
+    if cumulative[-1] >= p or probe.size == logits.size:
+        return probe[:_nucleus_size(cumulative, p)]
+    return _top_p(logits, _sorted_ids(logits, np.arange(logits.size)), p)
+
+
+def _nucleus_size(cumulative: np.ndarray, p: float) -> int:
+    return min(int(np.searchsorted(cumulative, p, side="left")) + 1, cumulative.size)
