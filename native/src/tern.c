@@ -1,4 +1,12 @@
+/* Library-wide entry points: version and the kernel variant in use. */
 #include "tern.h"
 
-const char *tern_version(void) { return "0.1.0"; }
-const char *tern_last_error(void) { return ""; }
+#include "kernels.h"
+
+const char *tern_version(void) { return "0.2.0"; }
+
+const char *tern_kernel_name(void)
+{
+    const tern_kernels *k = tern_kernels_select();
+    return k ? k->name : NULL;
+}

@@ -1,0 +1,90 @@
+/* The variant table and its selection. H4b's prefill GEMMs (gemm_avx512.c, gemm_amx.c)
+ * plug in here; CMake defines TERN_HAVE_GEMM_AVX512 / TERN_HAVE_GEMM_AMX when they exist. */
+#include "kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "error.h"
+#include "tern.h"
+
+static const tern_kernels variants[] = {
+    {"scalar", "scalar", 0, 0, tern_gemv_t2_scalar, tern_gemm_t2_scalar, tern_gemv_i8_scalar,
+     tern_gemm_i8_scalar},
+#if defined(__x86_64__) || defined(_M_X64)
+    {"avx2", "avx2", TERN_CPU_AVX2, 10, tern_gemv_t2_avx2, NULL, tern_gemv_i8_avx2, NULL},
+    {"avx512-vnni", "avx512", TERN_CPU_AVX2 | TERN_CPU_AVX512 | TERN_CPU_AVX512VNNI, 20,
+     tern_gemv_t2_avx512vnni,
+#ifdef TERN_HAVE_GEMM_AVX512
+     tern_gemm_t2_avx512vnni,
+#else
+     NULL,
+#endif
+     tern_gemv_i8_avx512vnni,
+#ifdef TERN_HAVE_GEMM_AVX512
+     tern_gemm_i8_avx512vnni},
+#else
+     NULL},
+#endif
+#ifdef TERN_HAVE_GEMM_AMX
+    {"amx", "amx", TERN_CPU_AVX2 | TERN_CPU_AVX512 | TERN_CPU_AVX512VNNI | TERN_CPU_AMX_INT8, 30,
+     NULL, tern_gemm_t2_amx, NULL, tern_gemm_i8_amx},
+#endif
+#endif
+};
+
+#define N_VARIANTS (sizeof variants / sizeof variants[0])
+
+/* One filled copy per variant: NULL entries taken from lower-scored runnable variants.
+ * Table entries are listed in increasing score order. */
+static tern_kernels filled[N_VARIANTS];
+static bool filled_done;
+
+static bool runnable(const tern_kernels *v) { return (tern_cpu_features() & v->needs) == v->needs; }
+
+static void fill_all(void)
+{
+    if (filled_done)
+        return;
+    for (size_t i = 0; i < N_VARIANTS; i++) {
+        tern_kernels v = variants[i];
+        for (size_t j = i; j-- > 0;) {
+            if (!runnable(&variants[j]))
+                continue;
+            if (!v.gemv_t2) v.gemv_t2 = filled[j].gemv_t2;
+            if (!v.gemm_t2) v.gemm_t2 = filled[j].gemm_t2;
+            if (!v.gemv_i8) v.gemv_i8 = filled[j].gemv_i8;
+            if (!v.gemm_i8) v.gemm_i8 = filled[j].gemm_i8;
+        }
+        filled[i] = v;
+    }
+    filled_done = true;
+}
+
+const tern_kernels *tern_kernels_by_name(const char *name)
+{
+    fill_all();
+    for (size_t i = 0; i < N_VARIANTS; i++)
+        if (strcmp(variants[i].name, name) == 0)
+            return runnable(&variants[i]) ? &filled[i] : NULL;
+    return NULL;
+}
+
+const tern_kernels *tern_kernels_select(void)
+{
+    fill_all();
+    const char *force = getenv("TERN_ISA");
+    const tern_kernels *best = NULL;
+    for (size_t i = 0; i < N_VARIANTS; i++) {
+        if (!runnable(&variants[i]))
+            continue;
+        if (force && *force && strcmp(variants[i].family, force) != 0)
+            continue;
+        if (!best || variants[i].score > best->score)
+            best = &filled[i];
+    }
+    if (!best)
+        tern_fail(TERN_ERR_UNSUPPORTED, "TERN_ISA=%s: no such kernel family runs on this CPU",
+                  force ? force : "");
+    return best;
+}

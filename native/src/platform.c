@@ -1,0 +1,20 @@
+/* The one file with OS-specific calls (the rest of native/ is portable C11 + pthreads). */
+#include "kernels.h"
+
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Linux keeps AMX tile data off until a process asks for it (kernel >= 5.16); without this
+ * the first tile instruction raises SIGILL even though XCR0 advertises the state. */
+#define TERN_ARCH_REQ_XCOMP_PERM 0x1023
+#define TERN_XFEATURE_XTILEDATA 18
+
+bool tern_os_enable_amx(void)
+{
+    return syscall(SYS_arch_prctl, TERN_ARCH_REQ_XCOMP_PERM, TERN_XFEATURE_XTILEDATA) == 0;
+}
+#else
+/* Elsewhere the OS either enables tile state with XCR0 (Windows) or has no AMX at all. */
+bool tern_os_enable_amx(void) { return true; }
+#endif
