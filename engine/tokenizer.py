@@ -206,6 +206,7 @@ class Tokenizer:
         self._special_ids = {s: i for i, s in enumerate(tokens) if token_types[i] == TOKEN_CONTROL}
         self._pieces = [_piece_bytes(t, token_types[i]) for i, t in enumerate(tokens)]
         self.bos_id = bos_id
+        self.eos_id = eos_id                              # the file's own eos (one of eos_ids)
         self.eos_ids = frozenset(_stop_ids(tokens, self._special_ids, eos_id))
         self._hf = _build_hf_tokenizer(tokens, token_types, merges, pre, source)
 
@@ -254,6 +255,11 @@ class Tokenizer:
 
     def has_special(self, name: str) -> bool:
         return name in self._special_ids
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Spelling -> id of every special (control) token."""
+        return dict(self._special_ids)
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.n_vocab and self._types[token_id] == TOKEN_CONTROL
