@@ -17,16 +17,7 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "kernels.h"
-
-#define TILE 16                  /* rows of an A/B/C tile */
-#define TILE_K 64                /* int8 k per tile row */
-#define TILE_BYTES (TILE * TILE_K)
-#define PANEL_ROWS 32            /* two B tiles side by side */
-
-static_assert(TERN_T2_BLOCK == 2 * TILE_K, "a T2 block fills two B tiles");
-static_assert(TERN_GEMM_SCRATCH_BYTES >= PANEL_ROWS * TERN_T2_BLOCK,
-              "scratch holds at least one k-chunk of a panel");
+#include "gemm_panel.h"
 
 /* ---- tile configuration ---- */
 
@@ -129,42 +120,6 @@ static void run_panel(const panel_job *job, const int8_t *panel, tile_shape *sha
     }
 }
 
-/* ---- T2 unpacking ----
- * Gather dword m (packed bytes 4m..4m+3) of one block from 16 rows: byte j of lane n is
- * packed byte 4m + j of row n, whose 2-bit field f is the code of weight 4m + j + 32f.
- * Field f therefore fills B tile f / 2 of the block, tile row m + 8 (f % 2), exactly. */
-static void unpack_t2_block(const uint8_t *blk, int64_t row_bytes, int rows, int8_t *tiles)
-{
-    const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32((int)row_bytes));
-    const __mmask16 valid = (__mmask16)((1u << rows) - 1u);
-    const __m512i zero_codes = _mm512_set1_epi8(0x55); /* code 1 (w = 0) in every field */
-    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
-    for (int m = 0; m < 8; m++) {
-        const __m512i d = _mm512_mask_i32gather_epi32(zero_codes, valid, vindex, blk + 4 * m, 1);
-        for (int f = 0; f < 4; f++) {
-            const __m512i c = _mm512_and_si512(_mm512_srli_epi16(d, 6 - 2 * f), three);
-            int8_t *dst = tiles + (f / 2) * 2 * TILE_BYTES + (m + 8 * (f % 2)) * TILE_K;
-            _mm512_store_si512((__m512i *)dst, _mm512_sub_epi8(c, one));
-        }
-    }
-}
-
-/* Unpack rows [0, nrows) of the panel, blocks [b0, b0 + nb), into B tiles. */
-static void unpack_t2_panel(const uint8_t *w, int64_t row_bytes, int64_t nrows, int64_t b0,
-                            int64_t nb, int8_t *panel)
-{
-    for (int g = 0; g * TILE < nrows; g++) {
-        const int64_t left = nrows - g * TILE;
-        const int rows = (int)(left < TILE ? left : TILE);
-        const uint8_t *base = w + (int64_t)g * TILE * row_bytes;
-        for (int64_t b = 0; b < nb; b++)
-            unpack_t2_block(base + (b0 + b) * TERN_T2_BLOCK_BYTES, row_bytes, rows,
-                            panel + (4 * b + g) * TILE_BYTES);
-    }
-}
-
 void tern_gemm_t2_amx(const uint8_t *w, int64_t k, const int8_t *x, int64_t ldx, int64_t n,
                       int32_t *y, int64_t ldy, int64_t r0, int64_t r1, void *scratch)
 {
@@ -178,40 +133,13 @@ void tern_gemm_t2_amx(const uint8_t *w, int64_t k, const int8_t *x, int64_t ldx,
         const int64_t nrows = r1 - r < PANEL_ROWS ? r1 - r : PANEL_ROWS;
         for (int64_t b0 = 0; b0 < nblocks; b0 += chunk_blocks) {
             const int64_t nb = nblocks - b0 < chunk_blocks ? nblocks - b0 : chunk_blocks;
-            unpack_t2_panel(w + r * row_bytes, row_bytes, nrows, b0, nb, panel);
+            panel_unpack_t2(w + r * row_bytes, row_bytes, nrows, b0, nb, panel, 1);
             const panel_job job = {x + b0 * TERN_T2_BLOCK, ldx, n, y + r, ldy, nrows,
                                    nb * TERN_T2_BLOCK / TILE_K, b0 > 0};
             run_panel(&job, panel, &shape);
         }
     }
     _tile_release();
-}
-
-/* ---- I8 (LM-head copy) ----
- * Gather dword kk of 16 rows straight into B tile row kk; rows and k past the end read 0. */
-static void unpack_i8_step(const int8_t *q, int64_t k, int rows, int8_t *tile)
-{
-    const __m512i vindex = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32((int)k));
-    const __mmask16 valid = (__mmask16)((1u << rows) - 1u);
-    for (int kk = 0; kk < TILE; kk++) {
-        const __m512i d =
-            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, vindex, q + 4 * kk, 1);
-        _mm512_store_si512((__m512i *)(tile + kk * TILE_K), d);
-    }
-}
-
-static void add_k_tail_i8(const int8_t *q, int64_t k, int64_t k0, const int8_t *x, int64_t ldx,
-                          int64_t n, int32_t *y, int64_t ldy, int64_t r0, int64_t r1)
-{
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t r = r0; r < r1; r++) {
-            int32_t acc = 0;
-            for (int64_t i = k0; i < k; i++)
-                acc += (int32_t)q[r * k + i] * x[t * ldx + i];
-            y[t * ldy + r] += acc;
-        }
 }
 
 void tern_gemm_i8_amx(const int8_t *q, int64_t k, const int8_t *x, int64_t ldx, int64_t n,
@@ -232,18 +160,12 @@ void tern_gemm_i8_amx(const int8_t *q, int64_t k, const int8_t *x, int64_t ldx, 
         for (int64_t s0 = 0; s0 * TILE_K < k64; s0 += chunk_steps) {
             const int64_t steps =
                 k64 / TILE_K - s0 < chunk_steps ? k64 / TILE_K - s0 : chunk_steps;
-            for (int g = 0; g * TILE < nrows; g++) {
-                const int64_t left = nrows - g * TILE;
-                const int rows = (int)(left < TILE ? left : TILE);
-                const int8_t *base = q + (r + (int64_t)g * TILE) * k + s0 * TILE_K;
-                for (int64_t c = 0; c < steps; c++)
-                    unpack_i8_step(base + c * TILE_K, k, rows, panel + (2 * c + g) * TILE_BYTES);
-            }
+            panel_unpack_i8(q + r * k, k, nrows, s0, steps, panel, 0);
             const panel_job job = {x + s0 * TILE_K, ldx, n, y + r, ldy, nrows, steps, s0 > 0};
             run_panel(&job, panel, &shape);
         }
     }
     _tile_release();
     if (k64 < k)
-        add_k_tail_i8(q, k, k64, x, ldx, n, y, ldy, r0, r1);
+        gemm_i8_add_k_tail(q, k, k64, x, ldx, n, y, ldy, r0, r1);
 }
