@@ -76,3 +76,7 @@ def _declare(h: ctypes.CDLL) -> None:
     fn("tern_kernel_test", ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32, ctypes.c_void_p,
        ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64, c_int8_p, ctypes.c_int64, c_int32_p,
        ctypes.c_int64, ctypes.c_int64)
+    # int32_t tern_bandwidth_probe(uint64_t bytes, int32_t threads, int32_t reps,
+    #                              double *gb_per_s);   (bwprobe.c, helper H4b)
+    fn("tern_bandwidth_probe", ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32,
+       ctypes.POINTER(ctypes.c_double))

@@ -35,6 +35,14 @@ def kernel_name() -> str:
     return name.decode()
 
 
+def bandwidth_probe(nbytes: int, threads: int, reps: int) -> float:
+    """Median memory read bandwidth in GB/s (1e9 B/s) streaming `nbytes` with `threads`
+    threads (native/src/bwprobe.c, helper H4b); the buffer is freed before returning."""
+    out = ctypes.c_double()
+    _check(_native.lib().tern_bandwidth_probe(nbytes, threads, reps, ctypes.byref(out)))
+    return out.value
+
+
 def run_kernel(variant: str, op: str, w: np.ndarray, rows: int, k: int, x: np.ndarray,
                r0: int = 0, r1: int | None = None) -> np.ndarray:
     """Run one kernel of one named variant: w packed T2 rows (uint8) or int8 rows, x (n, k) int8.
