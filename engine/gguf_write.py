@@ -107,6 +107,8 @@ def _encode_value(t: Typed) -> bytes:
     if t.elem_type in SCALAR_DTYPES:
         dtype = SCALAR_DTYPES[t.elem_type]
         return head + np.asarray(values).astype(dtype if t.elem_type != ValueType.BOOL else np.uint8).tobytes()
+    if t.elem_type == ValueType.ARRAY:     # each element: its own element type, length, values
+        return head + b"".join(_encode_value(infer_type(v)) for v in values)
     raise TypeError(f"cannot write arrays of value type {t.elem_type}")
 
 
