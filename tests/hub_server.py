@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -352,6 +353,12 @@ class _Server(ThreadingHTTPServer):
         with self.live_lock:
             self.live.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up mid-response is normal here (cuts, pauses, cancels); say nothing.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def drop_connections(self) -> None:
         with self.live_lock:
