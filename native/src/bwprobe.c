@@ -201,7 +201,8 @@ static void run_bursts(probe *p, double *seconds)
     }
 }
 
-TERN_API int32_t tern_bandwidth_probe(uint64_t bytes, int32_t threads, int32_t reps, double *gb_per_s)
+TERN_API int32_t tern_bandwidth_probe(uint64_t bytes, int32_t threads, int32_t reps,
+                                      double *gb_per_s)
 {
     if (!gb_per_s || threads < 1 || threads > MAX_THREADS || reps < 1 || bytes < BURST_BYTES ||
         bytes > ((uint64_t)1 << 40))
