@@ -226,6 +226,19 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             __self._check_str_call(target, __obj.__name__, args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
+    def wrap_str_format(self, value):
+        # str.format is reached through this wrapper, not through call(): check it here.
+        sandboxed = super().wrap_str_format(value)
+        if sandboxed is None:
+            return None
+        fmt = value.__self__
+
+        def checked(*args, **kwargs):
+            self._check_format(fmt, args, kwargs)
+            return sandboxed(*args, **kwargs)
+
+        return checked
+
     def _check_str_call(self, s: str, method: str, args, kwargs) -> None:
         if method in _SAFE_STR_METHODS:
             return
