@@ -53,6 +53,7 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class DownloadProgress:
     phase: str            # 'connecting' | 'downloading' | 'paused' | 'retrying' | 'verifying' | 'done'
+                          # (library.install_converted adds 'converting')
     done: int             # bytes on disk (downloading) or bytes hashed (verifying)
     total: int
     speed_bps: float      # smoothed bytes per second, 0 when unknown
@@ -426,6 +427,7 @@ class TerminalProgressBar(tqdm.tqdm):
         if p.phase != self._phase:
             self._phase = p.phase
             self.set_postfix_str({"verifying": "verifying SHA-256", "paused": "paused",
+                                  "converting": "converting to GGUF",
                                   "retrying": f"retrying: {p.note}"}.get(p.phase, ""), refresh=False)
         if self.total != p.total:
             self.total = p.total

@@ -8,10 +8,12 @@ reaches `add()`.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,13 +25,14 @@ from typing import Callable
 from engine import hub, paths
 from engine.download import (
     DownloadControl,
+    DownloadProgress,
     FreeSpaceFn,
     ProgressFn,
     RetryPolicy,
     disk_free_bytes,
     download_file,
 )
-from engine.errors import ModelFormatError, TernError
+from engine.errors import DiskSpaceError, DownloadError, ModelFormatError, TernError
 from engine.model import inspect_gguf
 
 log = logging.getLogger(__name__)
@@ -240,6 +243,64 @@ def install_from_hub(repo: str, filename: str, revision: str = "main", *, token:
     download_file(remote, dest, token=token, progress=progress, control=control, policy=policy,
                   free_space=free_space)
     return library.add(dest, source=source, sha256=remote.sha256)
+
+
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors")
+
+
+def install_converted(repo: str, fmt: str = "i2_s", revision: str = "main", *, token: str | None = None,
+                      progress: ProgressFn | None = None, control: DownloadControl | None = None,
+                      library: Library | None = None, policy: RetryPolicy | None = None,
+                      free_space: FreeSpaceFn = disk_free_bytes, keep_checkpoint: bool = False) -> ModelEntry:
+    """Download a Hugging Face BitNet checkpoint (config, tokenizer, safetensors), convert it to a
+    GGUF with engine.convert and add that. The checkpoint is deleted afterwards unless asked."""
+    from engine.convert import convert   # torch-free, but only this route needs it
+
+    library = library or Library()
+    wanted = [f for f in hub.repo_files(repo, revision, token=token)
+              if any(fnmatch.fnmatch(f.path, pat) for pat in CHECKPOINT_PATTERNS)]
+    if not any(f.path.endswith(".safetensors") for f in wanted):
+        raise DownloadError(f"{repo} has no safetensors checkpoint to convert")
+    total = sum(f.size for f in wanted)
+    if free_space(_existing(library.models_dir)) < 2 * total:   # checkpoint + GGUF side by side
+        raise DiskSpaceError(f"converting {repo} needs about {2 * total / 2**30:.1f} GiB free in "
+                             f"{library.models_dir}")
+    ckpt_dir = library.models_dir.joinpath("checkpoints", *repo.split("/"))
+    done_before = 0
+    for remote in wanted:
+        shifted = None if progress is None else _shifted(progress, done_before, total)
+        dest = ckpt_dir.joinpath(*remote.path.split("/"))
+        if not (dest.is_file() and dest.stat().st_size == remote.size):
+            download_file(remote, dest, token=token, progress=shifted, control=control, policy=policy,
+                          free_space=free_space)
+        done_before += remote.size
+    out = library.path_for(repo, f"{repo.split('/')[1]}-{fmt}.gguf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".converting.gguf")
+    if progress is not None:
+        progress(DownloadProgress("converting", total, total, 0.0, None))
+    convert(ckpt_dir, tmp, fmt)
+    os.replace(tmp, out)
+    entry = library.add(out, source=f"converted:hf:{repo}@{wanted[0].commit}:{fmt}")
+    if not keep_checkpoint:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        library._prune_empty_dirs(ckpt_dir.parent)
+    return entry
+
+
+def _shifted(progress: ProgressFn, offset: int, total: int) -> ProgressFn:
+    """Report one file's progress as progress through the whole checkpoint."""
+    def report(p: DownloadProgress) -> None:
+        eta = (total - offset - p.done) / p.speed_bps if p.speed_bps > 0 else None
+        progress(DownloadProgress(p.phase if p.phase != "done" else "downloading", offset + p.done, total,
+                                  p.speed_bps, eta, p.attempt, p.note))
+    return report
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def default_model_path(library: Library | None = None) -> Path | None:

@@ -18,6 +18,7 @@ from engine.library import (
     ModelNotFoundError,
     default_model_path,
     ensure_default_model,
+    install_converted,
     install_from_hub,
     load_catalogue,
     reveal_command,
@@ -26,6 +27,7 @@ from engine.model import inspect_gguf
 from engine.testmodel import make_test_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hf_fixture import write_hf_checkpoint  # noqa: E402
 from hub_server import HubServer, HubState  # noqa: E402
 
 FAST = RetryPolicy(backoff_base_s=0.05, stall_timeout_s=5.0)
@@ -146,6 +148,22 @@ def test_a_corrupted_download_never_enters_the_library(hub, hub_state, home):
     dest = Library().path_for(DEFAULT_REPO, DEFAULT_FILE)
     assert not dest.exists() and not part_path(dest).exists()
     assert Library().entries() == [] and default_model_path() is None
+
+
+def test_safetensors_checkpoint_is_downloaded_and_converted(hub, hub_state, home, tmp_path):
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=5, packed=True)
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    hub_state.add_repo("microsoft/bitnet-b1.58-2B-4T", {**files, "README.md": b"card"})
+    seen = []
+    entry = install_converted("microsoft/bitnet-b1.58-2B-4T", "i2_s", progress=seen.append, policy=FAST)
+    assert entry.kind == "bitnet" and entry.quant == "I2_S" and entry.format == "GGUF"
+    assert entry.source.startswith("converted:hf:microsoft/bitnet-b1.58-2B-4T@")
+    assert Path(entry.path).is_file() and Path(entry.path).is_relative_to(Library().models_dir)
+    assert not (Library().models_dir / "checkpoints").exists()          # checkpoint removed after
+    assert seen[-1].phase == "converting" and seen[-1].total == sum(map(len, files.values()))
+    dl = [e.done for e in seen if e.phase == "downloading"]
+    assert dl == sorted(dl) and dl[-1] == seen[-1].total                  # one bar over all files
+    assert hub_state.ranges("README.md") == []                            # only what conversion needs
 
 
 def test_catalogue_lists_the_default_model_first():
