@@ -19,6 +19,7 @@ text can never become a special token.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -170,7 +171,9 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"+", "*", "**", "%"})
 
     def __init__(self, max_chars: int):
-        super().__init__(trim_blocks=True, lstrip_blocks=True, finalize=self._finalize)
+        # The same options transformers' apply_chat_template renders with.
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+                         finalize=self._finalize)
         self.code_generator_class = _CheckedConcatGenerator
         self.max_chars = max_chars
         self.emitted = 0                              # characters output by {{ }} in this render
@@ -178,7 +181,8 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         self.globals.pop("lipsum", None)
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = lambda fmt: time.strftime(str(fmt))
-        for name in ("center", "indent", "format", "replace", "join", "string"):
+        self.filters["tojson"] = _tojson
+        for name in ("center", "indent", "format", "replace", "join", "string", "tojson"):
             self.filters[name] = self._checked_filter(self.filters[name])
 
     def _check(self, size: int, what: str) -> None:
@@ -280,6 +284,9 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
                 env._check_format(str(values[0]), values[1:], kwargs)
             elif name == "do_replace" and len(values) >= 3:
                 env._check_str_call(str(values[0]), "replace", values[1:3], {})
+            elif name == "_tojson" and isinstance(kwargs.get("indent"), (int, str)):
+                env._check(_approx_size(values[0], env.max_chars) * (1 + len(str(kwargs["indent"]))
+                           if isinstance(kwargs["indent"], str) else 1 + int(kwargs["indent"])), "tojson")
             elif name == "do_join" and values:
                 items = list(values[0])
                 sep = values[1] if len(values) >= 2 else kwargs.get("d", "")
@@ -307,6 +314,11 @@ class _CheckedConcatGenerator(CodeGenerator):
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: plain JSON, not jinja's HTML-escaped variant."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise_exception(message: str):

@@ -219,14 +219,14 @@ class Tokenizer:
         model = _as_str(md.get("tokenizer.ggml.model"))
         if model != "gpt2":
             raise ModelFormatError(source, f"tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
-        tokens = [_as_str(t) for t in _as_list(md.get("tokenizer.ggml.tokens"))]
+        tokens = [t if type(t) is str else _as_str(t) for t in _as_list(md.get("tokenizer.ggml.tokens"))]
         if not tokens:
             raise ModelFormatError(source, "tokenizer.ggml.tokens is missing or empty")
         types = _as_list(md.get("tokenizer.ggml.token_type"))
         types = [int(t) for t in types] if types else [TOKEN_NORMAL] * len(tokens)
         if len(types) != len(tokens):
             raise ModelFormatError(source, f"{len(types)} token types for {len(tokens)} tokens")
-        merges = [_split_merge(_as_str(m), source) for m in _as_list(md.get("tokenizer.ggml.merges"))]
+        merges = _split_merges(_as_list(md.get("tokenizer.ggml.merges")), source)
         bos = _optional_id(md, "tokenizer.ggml.bos_token_id", len(tokens), source)
         eos = _optional_id(md, "tokenizer.ggml.eos_token_id", len(tokens), source)
         pre = _choose_pre(_as_str(md.get("tokenizer.ggml.pre")), tokens)
@@ -325,11 +325,12 @@ def _as_str(value) -> str | None:
     return str(value)
 
 
-def _split_merge(merge: str, source: str) -> tuple[str, str]:
-    left, sep, right = merge.partition(" ")
-    if not sep or not left or not right:
-        raise ModelFormatError(source, f"malformed tokenizer merge {merge!r}")
-    return left, right
+def _split_merges(merges: list, source: str) -> list[tuple[str, str]]:
+    pairs = [tuple((m if type(m) is str else _as_str(m)).split(" ")) for m in merges]
+    for pair, merge in zip(pairs, merges):
+        if len(pair) != 2 or not pair[0] or not pair[1]:
+            raise ModelFormatError(source, f"malformed tokenizer merge {merge!r}")
+    return pairs
 
 
 def _optional_id(md: dict, key: str, n_vocab: int, source: str) -> int | None:
@@ -366,12 +367,21 @@ def _stop_ids(tokens: Sequence[str], special_ids: dict[str, int], eos_id: int | 
     return ids
 
 
+# Byte-level characters -> the byte they stand for (as a latin-1 character); any other character
+# below 256 -> U+FFFF, so that latin-1 encoding fails and _piece_bytes takes its slow path.
+_TO_LATIN1 = {ord(c): chr(b) for c, b in _UNICODE_TO_BYTE.items()}
+_TO_LATIN1.update({cp: "\uffff" for cp in range(256) if chr(cp) not in _UNICODE_TO_BYTE})
+
+
 def _piece_bytes(token: str, token_type: int) -> bytes:
     if token_type == TOKEN_CONTROL:
         return token.encode("utf-8")
-    # A character outside the byte map (only in hand-made vocabularies) stands for its UTF-8.
-    return b"".join(bytes((_UNICODE_TO_BYTE[c],)) if c in _UNICODE_TO_BYTE else c.encode("utf-8")
-                    for c in token)
+    try:
+        return token.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        # A character outside the byte map (only in hand-made vocabularies) stands for its UTF-8.
+        return b"".join(bytes((_UNICODE_TO_BYTE[c],)) if c in _UNICODE_TO_BYTE else c.encode("utf-8")
+                        for c in token)
 
 
 def _build_hf_tokenizer(tokens, token_types, merges, pre: str, source: str) -> HFTokenizer:

@@ -21,9 +21,9 @@ from engine.chat import (
     render_template,
 )
 from engine.errors import TernError
-from engine.tokenizer import Tokenizer, gguf_metadata_byte_vocab, gguf_metadata_from_hf_tokenizer
+from engine.tokenizer import Tokenizer, gguf_metadata_byte_vocab
 
-from test_tokenizer import LLAMA3_DIR
+from test_tokenizer import LLAMA3_DIR, llama3_gguf_tokenizer
 
 BOS, EOT = 128000, 128009
 USER, ASSISTANT, SYSTEM, COLON, SPACE = 1502, 72803, 2374, 25, 220
@@ -46,12 +46,12 @@ class Msg:                                   # attribute-style messages, like en
 
 @pytest.fixture(scope="session")
 def md() -> dict:
-    return gguf_metadata_from_hf_tokenizer(LLAMA3_DIR)
+    return dict(llama3_gguf_tokenizer()[0])
 
 
 @pytest.fixture(scope="session")
-def tok(md) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(md)
+def tok() -> Tokenizer:
+    return llama3_gguf_tokenizer()[1]
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,9 @@ def bitnet(tok) -> BitNetChatFormat:
 
 
 def plain_jinja(template: str, messages, add_generation_prompt=True, **kw) -> str:
-    return jinja2.Environment().from_string(template).render(
+    """Unsandboxed jinja with transformers' apply_chat_template options."""
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    return env.from_string(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **kw)
 
 
@@ -248,6 +250,15 @@ def test_template_without_bos_gets_one_when_the_file_asks(md, tok):
     msgs = [Msg("user", "hi")]
     assert with_bos.render(msgs).ids == [BOS] + without.render(msgs).ids
     assert tok.decode(without.render(msgs).ids) == "user: hi\n"
+
+
+def test_template_features_real_templates_use():
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+                "{{ m.role | upper }}={{ m | tojson }}\n{% endfor %}{{ strftime_now('%Y') | length }}")
+    out = render_template(template, [Msg("system", "s"), Msg("user", "é<b>")])
+    assert out == 'USER={"role": "user", "content": "é<b>"}\n4'
+    with pytest.raises(TemplateError, match="tojson"):
+        render_template("{{ messages | tojson(indent=10000000000) }}", [Msg("user", "a")])
 
 
 def test_raise_exception_and_syntax_errors_are_template_errors():

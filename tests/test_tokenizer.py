@@ -3,6 +3,7 @@ Meta's Llama-3 tokenizer.json on thousands of generated strings; goldens; specia
 streaming detokenization; the GGUF metadata bitnet.cpp's converter writes; bad metadata."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -29,16 +30,24 @@ LLAMA3_DIR = Path(os.environ.get(
 BOS, EOS, EOT = 128000, 128001, 128009
 
 
-@pytest.fixture(scope="session")
-def llama3_metadata() -> dict:
+@functools.lru_cache(maxsize=1)
+def llama3_gguf_tokenizer() -> tuple[dict, Tokenizer]:
+    """GGUF metadata of the fixture and the Tokenizer built from it: once per test process
+    (test_chat.py uses them too)."""
     assert (LLAMA3_DIR / "tokenizer.json").is_file(), (
         f"Llama-3 tokenizer fixture missing at {LLAMA3_DIR} (set TERN_LLAMA3_TOKENIZER)")
-    return gguf_metadata_from_hf_tokenizer(LLAMA3_DIR)
+    md = gguf_metadata_from_hf_tokenizer(LLAMA3_DIR)
+    return md, Tokenizer.from_gguf_metadata(md)
 
 
 @pytest.fixture(scope="session")
-def tok(llama3_metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(llama3_metadata)
+def llama3_metadata() -> dict:
+    return dict(llama3_gguf_tokenizer()[0])
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+    return llama3_gguf_tokenizer()[1]
 
 
 @pytest.fixture(scope="session")
@@ -192,21 +201,26 @@ def test_bos_and_specials(tok):
 def test_llama3_split_even_without_pre_key(llama3_metadata, tok):
     assert "tokenizer.ggml.pre" not in llama3_metadata
     assert tok.pre == "llama3"
-    explicit = Tokenizer.from_gguf_metadata({**llama3_metadata, "tokenizer.ggml.pre": "llama-bpe"})
-    assert explicit.pre == "llama3" and explicit.encode("eight-bit") == [68632, 15615]
 
 
-def test_default_split_reproduces_llama_cpp_fallback(llama3_metadata):
-    # What llama.cpp does with this vocabulary when it falls back to its default split.
-    default = Tokenizer.from_gguf_metadata({**llama3_metadata, "tokenizer.ggml.pre": "default"})
-    assert default.pre == "gpt2"
-    assert default.encode("eight-bit") == [68632, 12, 4590]
+def test_explicit_llama3_pre_and_plain_list_metadata(llama3_metadata, tok):
+    # A reader may hand back plain lists, bytes and ints instead of numpy values.
+    md = dict(llama3_metadata)
+    md["tokenizer.ggml.pre"] = "llama-bpe"
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"].tolist()
+    md["tokenizer.ggml.tokens"] = [t.encode("utf-8") for t in md["tokenizer.ggml.tokens"]]
+    md["tokenizer.ggml.bos_token_id"] = int(md["tokenizer.ggml.bos_token_id"])
+    t = Tokenizer.from_gguf_metadata(md)
+    assert t.pre == "llama3" and t.eos_ids == tok.eos_ids
+    assert t.encode("eight-bit", add_bos=True) == [BOS, 68632, 15615]
 
 
-def test_unknown_pre_falls_back_to_gpt2_with_warning(llama3_metadata, caplog):
+def test_other_pre_uses_gpt2_split_like_llama_cpp_default(llama3_metadata, caplog):
+    # llama.cpp's default split on this vocabulary gives `-` `bit` (bitnet.cpp on the official file).
     with caplog.at_level(logging.WARNING, logger="engine.tokenizer"):
         t = Tokenizer.from_gguf_metadata({**llama3_metadata, "tokenizer.ggml.pre": "qwen2"})
     assert t.pre == "gpt2" and "qwen2" in caplog.text
+    assert t.encode("eight-bit") == [68632, 12, 4590]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,15 +271,6 @@ def test_gguf_metadata_layout(llama3_metadata):
     assert md["tokenizer.chat_template"] == BITNET_CONVERTER_CHAT_TEMPLATE
     assert "BITNETAssistant" in BITNET_CONVERTER_CHAT_TEMPLATE
     assert "tokenizer.ggml.pre" not in md
-
-
-def test_metadata_accepts_plain_lists_and_bytes(llama3_metadata, tok):
-    md = dict(llama3_metadata)
-    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"].tolist()
-    md["tokenizer.ggml.tokens"] = [t.encode("utf-8") for t in md["tokenizer.ggml.tokens"]]
-    md["tokenizer.ggml.bos_token_id"] = int(md["tokenizer.ggml.bos_token_id"])
-    t = Tokenizer.from_gguf_metadata(md)
-    assert t.encode("eight-bit", add_bos=True) == [BOS, 68632, 15615] and t.eos_ids == tok.eos_ids
 
 
 def test_hf_dir_that_is_not_byte_level_bpe(tmp_path):
