@@ -58,6 +58,49 @@ c_int32_p = ctypes.POINTER(ctypes.c_int32)
 c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
+# ---- ggml type ids, activations, LM head / KV kinds (tern.h) ----
+TERN_ACT_RELU2 = 0
+TERN_ACT_SILU = 1
+TERN_LM_HEAD_INT8 = 0
+TERN_LM_HEAD_F16 = 1
+TERN_KV_F16 = 0
+
+
+class TernMatrix(ctypes.Structure):
+    # typedef struct tern_matrix { const void *data; uint64_t size; int32_t type;
+    #                              int64_t cols; int64_t rows; float scale; } tern_matrix;
+    _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_uint64), ("type", ctypes.c_int32),
+                ("cols", ctypes.c_int64), ("rows", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
+class TernLayerParams(ctypes.Structure):
+    # typedef struct tern_layer_params { const float *attn_norm, *attn_sub_norm, *ffn_norm,
+    #     *ffn_sub_norm; tern_matrix wq, wk, wv, wo, w_gate, w_up, w_down; } tern_layer_params;
+    _fields_ = [("attn_norm", c_float_p), ("attn_sub_norm", c_float_p), ("ffn_norm", c_float_p),
+                ("ffn_sub_norm", c_float_p)] + [
+        (name, TernMatrix) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+
+
+class TernModelParams(ctypes.Structure):
+    # typedef struct tern_model_params {
+    #     int32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff; float rope_theta, rms_eps;
+    #     int32_t activation; int32_t lm_head; const void *file_base; uint64_t file_size;
+    #     int32_t release_sources; tern_matrix token_embd; tern_matrix output;
+    #     const float *output_norm; const tern_layer_params *layers; } tern_model_params;
+    _fields_ = [(n, ctypes.c_int32) for n in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff")] + [
+        ("rope_theta", ctypes.c_float), ("rms_eps", ctypes.c_float),
+        ("activation", ctypes.c_int32), ("lm_head", ctypes.c_int32),
+        ("file_base", ctypes.c_void_p), ("file_size", ctypes.c_uint64), ("release_sources", ctypes.c_int32),
+        ("token_embd", TernMatrix), ("output", TernMatrix), ("output_norm", c_float_p),
+        ("layers", ctypes.POINTER(TernLayerParams))]
+
+
+# typedef void (*tern_trace_fn)(void *user, const char *name, int32_t layer, const float *data,
+#                               int32_t n_tok, int32_t width);
+TRACE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32, c_float_p,
+                            ctypes.c_int32, ctypes.c_int32)
+
+
 def _declare(h: ctypes.CDLL) -> None:
     def fn(name, restype, *argtypes):
         f = getattr(h, name)
@@ -80,3 +123,30 @@ def _declare(h: ctypes.CDLL) -> None:
     #                              double *gb_per_s);   (bwprobe.c, helper H4b)
     fn("tern_bandwidth_probe", ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32,
        ctypes.POINTER(ctypes.c_double))
+    # int32_t tern_model_create(const tern_model_params *params, tern_model **out);
+    fn("tern_model_create", ctypes.c_int32, ctypes.POINTER(TernModelParams), ctypes.POINTER(ctypes.c_void_p))
+    # void tern_model_free(tern_model *model);
+    fn("tern_model_free", None, ctypes.c_void_p)
+    # uint64_t tern_model_alloc_bytes(const tern_model *model);
+    fn("tern_model_alloc_bytes", ctypes.c_uint64, ctypes.c_void_p)
+    # int32_t tern_session_create(tern_model *model, int32_t n_ctx, int32_t kv_type,
+    #                             int32_t threads, tern_session **out);
+    fn("tern_session_create", ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+       ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p))
+    # void tern_session_free(tern_session *session);
+    fn("tern_session_free", None, ctypes.c_void_p)
+    # int32_t tern_set_threads(tern_session *session, int32_t threads);
+    fn("tern_set_threads", ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32)
+    # int32_t tern_session_n_past(const tern_session *session);
+    fn("tern_session_n_past", ctypes.c_int32, ctypes.c_void_p)
+    # int32_t tern_session_truncate(tern_session *session, int32_t n);
+    fn("tern_session_truncate", ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32)
+    # int32_t tern_session_copy(tern_session *dst, const tern_session *src);
+    fn("tern_session_copy", ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)
+    # int32_t tern_forward(tern_session *session, const int32_t *tokens, int32_t n,
+    #                      float *out_logits, int32_t all_logits);
+    fn("tern_forward", ctypes.c_int32, ctypes.c_void_p, c_int32_p, ctypes.c_int32, c_float_p, ctypes.c_int32)
+    # void tern_cancel(tern_session *session);
+    fn("tern_cancel", None, ctypes.c_void_p)
+    # void tern_session_set_trace(tern_session *session, tern_trace_fn fn, void *user);
+    fn("tern_session_set_trace", None, ctypes.c_void_p, TRACE_FN, ctypes.c_void_p)

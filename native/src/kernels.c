@@ -9,26 +9,26 @@
 #include "tern.h"
 
 static const tern_kernels variants[] = {
-    {"scalar", "scalar", 0, 0, tern_gemv_t2_scalar, tern_gemm_t2_scalar, tern_gemv_i8_scalar,
-     tern_gemm_i8_scalar},
+    {.name = "scalar", .family = "scalar", .needs = 0, .score = 0,
+     .gemv_t2 = tern_gemv_t2_scalar, .gemm_t2 = tern_gemm_t2_scalar,
+     .gemv_i8 = tern_gemv_i8_scalar, .gemm_i8 = tern_gemm_i8_scalar,
+     .dot_f16 = tern_dot_f16_scalar, .axpy_f16 = tern_axpy_f16_scalar,
+     .gemv_f16 = tern_gemv_f16_scalar},
 #if defined(__x86_64__) || defined(_M_X64)
-    {"avx2", "avx2", TERN_CPU_AVX2, 10, tern_gemv_t2_avx2, NULL, tern_gemv_i8_avx2, NULL},
-    {"avx512-vnni", "avx512", TERN_CPU_AVX2 | TERN_CPU_AVX512 | TERN_CPU_AVX512VNNI, 20,
-     tern_gemv_t2_avx512vnni,
+    {.name = "avx2", .family = "avx2", .needs = TERN_CPU_AVX2, .score = 10,
+     .gemv_t2 = tern_gemv_t2_avx2, .gemv_i8 = tern_gemv_i8_avx2,
+     .dot_f16 = tern_dot_f16_avx2, .axpy_f16 = tern_axpy_f16_avx2, .gemv_f16 = tern_gemv_f16_avx2},
+    {.name = "avx512-vnni", .family = "avx512",
+     .needs = TERN_CPU_AVX2 | TERN_CPU_AVX512 | TERN_CPU_AVX512VNNI, .score = 20,
+     .gemv_t2 = tern_gemv_t2_avx512vnni, .gemv_i8 = tern_gemv_i8_avx512vnni,
 #ifdef TERN_HAVE_GEMM_AVX512
-     tern_gemm_t2_avx512vnni,
-#else
-     NULL,
+     .gemm_t2 = tern_gemm_t2_avx512vnni, .gemm_i8 = tern_gemm_i8_avx512vnni,
 #endif
-     tern_gemv_i8_avx512vnni,
-#ifdef TERN_HAVE_GEMM_AVX512
-     tern_gemm_i8_avx512vnni},
-#else
-     NULL},
-#endif
+    },
 #ifdef TERN_HAVE_GEMM_AMX
-    {"amx", "amx", TERN_CPU_AVX2 | TERN_CPU_AVX512 | TERN_CPU_AVX512VNNI | TERN_CPU_AMX_INT8, 30,
-     NULL, tern_gemm_t2_amx, NULL, tern_gemm_i8_amx},
+    {.name = "amx", .family = "amx",
+     .needs = TERN_CPU_AVX2 | TERN_CPU_AVX512 | TERN_CPU_AVX512VNNI | TERN_CPU_AMX_INT8, .score = 30,
+     .gemm_t2 = tern_gemm_t2_amx, .gemm_i8 = tern_gemm_i8_amx},
 #endif
 #endif
 };
@@ -55,6 +55,9 @@ static void fill_all(void)
             if (!v.gemm_t2) v.gemm_t2 = filled[j].gemm_t2;
             if (!v.gemv_i8) v.gemv_i8 = filled[j].gemv_i8;
             if (!v.gemm_i8) v.gemm_i8 = filled[j].gemm_i8;
+            if (!v.dot_f16) v.dot_f16 = filled[j].dot_f16;
+            if (!v.axpy_f16) v.axpy_f16 = filled[j].axpy_f16;
+            if (!v.gemv_f16) v.gemv_f16 = filled[j].gemv_f16;
         }
         filled[i] = v;
     }

@@ -43,6 +43,13 @@ typedef void (*tern_gemm_i8_fn)(const int8_t *q, int64_t k, const int8_t *x, int
 
 #define TERN_GEMM_SCRATCH_BYTES (256 * 1024)
 
+/* Float helpers over f16 data (KV cache, the exact f16 LM head); f32 accumulation. Variants
+ * may sum in a different order: results agree to rounding, not bit for bit. */
+typedef float (*tern_dot_f16_fn)(const uint16_t *a, const float *b, int64_t n);
+typedef void (*tern_axpy_f16_fn)(float *y, float a, const uint16_t *x, int64_t n); /* y += a*x */
+typedef void (*tern_gemv_f16_fn)(const uint16_t *w, int64_t k, const float *x, float *y,
+                                 int64_t r0, int64_t r1); /* y[r] = w[r] . x */
+
 /* CPU feature bits (cpu_features.c). A bit is set only when the OS also saves the state. */
 enum {
     TERN_CPU_AVX2 = 1u << 0,        /* AVX2 + FMA + F16C, OS saves ymm */
@@ -64,7 +71,13 @@ typedef struct tern_kernels {
     tern_gemm_t2_fn gemm_t2;
     tern_gemv_i8_fn gemv_i8;
     tern_gemm_i8_fn gemm_i8;
+    tern_dot_f16_fn dot_f16;
+    tern_axpy_f16_fn axpy_f16;
+    tern_gemv_f16_fn gemv_f16;
 } tern_kernels;
+
+/* One-time library init (f16 table, CPU features, variant table); idempotent, thread-safe. */
+void tern_lib_init(void);
 
 /* Features of this CPU (cached after the first call). Requests AMX tile permission on Linux. */
 uint32_t tern_cpu_features(void);
@@ -89,11 +102,20 @@ void tern_gemv_i8_scalar(const int8_t *q, int64_t k, const int8_t *x, int32_t *y
 void tern_gemm_i8_scalar(const int8_t *q, int64_t k, const int8_t *x, int64_t ldx, int64_t n,
                          int32_t *y, int64_t ldy, int64_t r0, int64_t r1, void *scratch);
 
+float tern_dot_f16_scalar(const uint16_t *a, const float *b, int64_t n);
+void tern_axpy_f16_scalar(float *y, float a, const uint16_t *x, int64_t n);
+void tern_gemv_f16_scalar(const uint16_t *w, int64_t k, const float *x, float *y, int64_t r0,
+                          int64_t r1);
+
 /* kernels_avx2.c */
 void tern_gemv_t2_avx2(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
                        int64_t r1);
 void tern_gemv_i8_avx2(const int8_t *q, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
                        int64_t r1);
+float tern_dot_f16_avx2(const uint16_t *a, const float *b, int64_t n);
+void tern_axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n);
+void tern_gemv_f16_avx2(const uint16_t *w, int64_t k, const float *x, float *y, int64_t r0,
+                        int64_t r1);
 
 /* kernels_avx512.c (AVX-512 VNNI GEMVs) */
 void tern_gemv_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y,
@@ -118,5 +140,7 @@ void tern_gemm_i8_amx(const int8_t *q, int64_t k, const int8_t *x, int64_t ldx, 
 
 /* platform.c: the one file with OS-specific calls. */
 bool tern_os_enable_amx(void);   /* Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+/* Drop the whole pages inside [p, p + n) of a read-only file mapping from the resident set. */
+void tern_os_release_pages(const void *p, uint64_t n);
 
 #endif

@@ -122,3 +122,51 @@ void tern_gemv_i8_avx2(const int8_t *q, int64_t k, const int8_t *x, int32_t *y, 
         y[r] = dot_i8(q + r * k, x, k);
     }
 }
+
+/* ---- f16 helpers (F16C) ---- */
+
+static inline float hsum_ps(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+float tern_dot_f16_avx2(const uint16_t *a, const float *b, int64_t n)
+{
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(load_f16(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(load_f16(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float s = hsum_ps(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++)
+        s += _cvtsh_ss(a[i]) * b[i];
+    return s;
+}
+
+void tern_axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n)
+{
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_f16(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * _cvtsh_ss(x[i]);
+}
+
+void tern_gemv_f16_avx2(const uint16_t *w, int64_t k, const float *x, float *y, int64_t r0,
+                        int64_t r1)
+{
+    for (int64_t r = r0; r < r1; r++) {
+        _mm_prefetch((const char *)(w + (r + 1) * k), _MM_HINT_T0);
+        y[r] = tern_dot_f16_avx2(w + r * k, x, k);
+    }
+}

@@ -1,5 +1,6 @@
 /* The plain C twin of every kernel: always compiled, complete, and the definition of the
  * right answer for the SIMD variants (which must equal it exactly). */
+#include "f16.h"
 #include "kernels.h"
 
 static int32_t dot_t2_row(const uint8_t *row, int64_t k, const int8_t *x)
@@ -53,4 +54,25 @@ void tern_gemm_i8_scalar(const int8_t *q, int64_t k, const int8_t *x, int64_t ld
     (void)scratch;
     for (int64_t t = 0; t < n; t++)
         tern_gemv_i8_scalar(q, k, x + t * ldx, y + t * ldy, r0, r1);
+}
+
+float tern_dot_f16_scalar(const uint16_t *a, const float *b, int64_t n)
+{
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        acc += tern_f16_to_f32(a[i]) * b[i];
+    return acc;
+}
+
+void tern_axpy_f16_scalar(float *y, float a, const uint16_t *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * tern_f16_to_f32(x[i]);
+}
+
+void tern_gemv_f16_scalar(const uint16_t *w, int64_t k, const float *x, float *y, int64_t r0,
+                          int64_t r1)
+{
+    for (int64_t r = r0; r < r1; r++)
+        y[r] = tern_dot_f16_scalar(w + r * k, x, k);
 }

@@ -31,6 +31,7 @@ int32_t tern_kernel_test(const char *variant, int32_t op, const void *w, uint64_
                          int64_t rows, int64_t k, const int8_t *x, int64_t n, int32_t *y,
                          int64_t r0, int64_t r1)
 {
+    tern_lib_init();
     const int32_t st = check_args(op, w_size, rows, k, n, r0, r1);
     if (st != TERN_OK)
         return st;

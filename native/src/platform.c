@@ -18,3 +18,23 @@ bool tern_os_enable_amx(void)
 /* Elsewhere the OS either enables tile state with XCR0 (Windows) or has no AMX at all. */
 bool tern_os_enable_amx(void) { return true; }
 #endif
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+
+void tern_os_release_pages(const void *p, uint64_t n)
+{
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t start = ((uintptr_t)p + page - 1) / page * page;
+    const uintptr_t end = ((uintptr_t)p + (uintptr_t)n) / page * page;
+    if (end > start)
+        madvise((void *)start, end - start, MADV_DONTNEED); /* advisory: failure changes nothing */
+}
+#else
+void tern_os_release_pages(const void *p, uint64_t n)
+{
+    (void)p;
+    (void)n;
+}
+#endif

@@ -1,0 +1,279 @@
+/* One chunk of the BitNet decoder step on the thread pool (the arithmetic of
+ * engine/reference.py). Five phases per layer, one barrier after each:
+ *   P1 norm+quant (every thread, redundantly: cheaper than a barrier), Q/K/V rows per head
+ *      with RoPE and the KV-cache store;  P2 attention per (token, head);
+ *   P3 sub-norm+quant, wo rows added to the residual;  P4 norm+quant, gate and up rows, act;
+ *   P5 sub-norm+quant, down rows added to the residual.  Then the LM head.
+ * Work items are taken from one atomic counter per phase, so a preempted thread's share is
+ * picked up by the others instead of stalling the barrier. */
+#include <math.h>
+#include <string.h>
+
+#include "f16.h"
+#include "ops.h"
+#include "session.h"
+
+typedef struct job {
+    tern_session *s;
+    int32_t n, first;
+    float *logits;
+    bool all;
+} job;
+
+static int64_t take(tern_session *s, int32_t phase)
+{
+    return atomic_fetch_add_explicit(&s->work[phase], 1, memory_order_relaxed);
+}
+
+static void trace(const job *j, const char *name, int32_t layer, const float *data, int32_t n, int64_t w)
+{
+    j->s->trace(j->s->trace_user, name, layer, data, n, (int32_t)w);
+}
+
+/* Rows of in (n x width, stride ld) normalized with w, then quantized into this thread's buffers. */
+static void norm_quant(const job *j, thread_scratch *ts, const float *in, int64_t ld, const float *w,
+                       int64_t width, int32_t t0)
+{
+    const float eps = j->s->m->rms_eps;
+    for (int32_t t = t0; t < j->n; t++) {
+        float *xf = ts->xf + (t - t0) * width;
+        tern_rms_norm(in + t * ld, w, width, eps, xf);
+        ts->xs[t - t0] = tern_quantize_row(xf, width, ts->xq + (t - t0) * width);
+    }
+}
+
+/* acc[t * nr + i] = rows r0..r0+nr of w times this thread's quantized tokens. */
+static void t2_rows(const job *j, thread_scratch *ts, const t2_matrix *w, int64_t r0, int64_t nr)
+{
+    const tern_kernels *k = j->s->m->kern;
+    const uint8_t *wp = w->codes + r0 * tern_t2_row_bytes(w->cols);
+    if (j->n == 1)
+        k->gemv_t2(wp, w->cols, ts->xq, ts->acc, 0, nr);
+    else
+        k->gemm_t2(wp, w->cols, ts->xq, w->cols, j->n, ts->acc, nr, 0, nr, ts->gemm);
+}
+
+/* BitLinear's output scaling, in the reference's order: float(acc) / s * scale. */
+static inline float bitlinear_out(int32_t acc, float s, float scale) { return (float)acc / s * scale; }
+
+static void qkv_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
+{
+    tern_session *s = j->s;
+    const tern_model *m = s->m;
+    const model_layer *L = &m->layers[layer];
+    const int64_t hd = m->head_dim, e = m->n_embd, half = hd / 2;
+    const int64_t items = m->n_head + 2 * (int64_t)m->n_head_kv;
+    for (int64_t it = take(s, phase); it < items; it = take(s, phase)) {
+        const int kind = it < m->n_head ? 0 : (it < m->n_head + m->n_head_kv ? 1 : 2);
+        const int64_t head = kind == 0 ? it : (kind == 1 ? it - m->n_head : it - m->n_head - m->n_head_kv);
+        const t2_matrix *w = kind == 0 ? &L->wq : (kind == 1 ? &L->wk : &L->wv);
+        const int64_t r0 = head * hd, col = kind == 0 ? r0 : (kind == 1 ? e + r0 : e + s->kv_dim + r0);
+        t2_rows(j, ts, w, r0, hd);
+        for (int32_t t = 0; t < j->n; t++) {
+            float *out = s->qkv + t * s->qkv_dim + col;
+            for (int64_t i = 0; i < hd; i++)
+                out[i] = bitlinear_out(ts->acc[t * hd + i], ts->xs[t], w->scale);
+            if (kind != 2)
+                tern_rope_head(out, (int32_t)hd, s->rope_cos + t * half, s->rope_sin + t * half);
+            if (kind != 0) {
+                uint16_t *cache = kind == 1 ? s->k_cache : s->v_cache;
+                uint16_t *dst = cache + ((int64_t)layer * s->n_ctx + j->first + t) * s->kv_dim + r0;
+                for (int64_t i = 0; i < hd; i++)
+                    dst[i] = tern_f32_to_f16(out[i]);
+            }
+        }
+    }
+}
+
+static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32_t t, int32_t h)
+{
+    const tern_session *s = j->s;
+    const tern_model *m = s->m;
+    const tern_kernels *k = m->kern;
+    const int64_t hd = m->head_dim, g = h / (m->n_head / m->n_head_kv);
+    const int32_t npos = j->first + t + 1;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const float *q = s->qkv + t * s->qkv_dim + h * hd;
+    const int64_t base = (int64_t)layer * s->n_ctx * s->kv_dim + g * hd;
+    float mx = -INFINITY;
+    for (int32_t p = 0; p < npos; p++) {
+        const float sc = k->dot_f16(s->k_cache + base + p * s->kv_dim, q, hd) * scale;
+        ts->scores[p] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    float sum = 0.0f;
+    for (int32_t p = 0; p < npos; p++) {
+        ts->scores[p] = expf(ts->scores[p] - mx);
+        sum += ts->scores[p];
+    }
+    float *out = s->att + t * m->n_embd + h * hd;
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int32_t p = 0; p < npos; p++)
+        k->axpy_f16(out, ts->scores[p] / sum, s->v_cache + base + p * s->kv_dim, hd);
+}
+
+static void attention_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
+{
+    const int64_t nh = j->s->m->n_head, items = (int64_t)j->n * nh;
+    for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase))
+        attention_one(j, ts, layer, (int32_t)(it / nh), (int32_t)(it % nh));
+}
+
+/* dst[t * ld + r] (+)= BitLinear rows of w, ROW_CHUNK rows per work item. */
+static void rows_phase(const job *j, thread_scratch *ts, const t2_matrix *w, float *dst, int64_t ld,
+                       bool add, int32_t phase)
+{
+    const int64_t items = (w->rows + ROW_CHUNK - 1) / ROW_CHUNK;
+    for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase)) {
+        const int64_t r0 = it * ROW_CHUNK, nr = w->rows - r0 < ROW_CHUNK ? w->rows - r0 : ROW_CHUNK;
+        t2_rows(j, ts, w, r0, nr);
+        for (int32_t t = 0; t < j->n; t++)
+            for (int64_t i = 0; i < nr; i++) {
+                const float v = bitlinear_out(ts->acc[t * nr + i], ts->xs[t], w->scale);
+                dst[t * ld + r0 + i] = add ? dst[t * ld + r0 + i] + v : v;
+            }
+    }
+}
+
+static void gate_up_phase(const job *j, thread_scratch *ts, const model_layer *L, int32_t phase)
+{
+    tern_session *s = j->s;
+    const int64_t ff = s->m->n_ff, items = (ff + ROW_CHUNK - 1) / ROW_CHUNK;
+    const bool relu2 = s->m->activation == TERN_ACT_RELU2;
+    for (int64_t it = take(s, phase); it < items; it = take(s, phase)) {
+        const int64_t r0 = it * ROW_CHUNK, nr = ff - r0 < ROW_CHUNK ? ff - r0 : ROW_CHUNK;
+        t2_rows(j, ts, &L->w_gate, r0, nr);
+        for (int32_t t = 0; t < j->n; t++)
+            for (int64_t i = 0; i < nr; i++) {
+                const float g = bitlinear_out(ts->acc[t * nr + i], ts->xs[t], L->w_gate.scale);
+                s->ffn[t * ff + r0 + i] = relu2 ? tern_relu2(g) : tern_silu(g);
+            }
+        t2_rows(j, ts, &L->w_up, r0, nr);
+        for (int32_t t = 0; t < j->n; t++)
+            for (int64_t i = 0; i < nr; i++)
+                s->ffn[t * ff + r0 + i] *= bitlinear_out(ts->acc[t * nr + i], ts->xs[t], L->w_up.scale);
+    }
+}
+
+/* Thread 0 only, after a barrier: copies a column block of qkv into its own buffer to trace. */
+static void trace_qkv(const job *j, thread_scratch *ts, int32_t layer)
+{
+    const tern_session *s = j->s;
+    const char *names[3] = {"q", "k", "v"};
+    const int64_t cols[3] = {0, s->m->n_embd, s->m->n_embd + s->kv_dim};
+    const int64_t widths[3] = {s->m->n_embd, s->kv_dim, s->kv_dim};
+    for (int i = 0; i < 3; i++) {
+        for (int32_t t = 0; t < j->n; t++)
+            memcpy(ts->xf + t * widths[i], s->qkv + t * s->qkv_dim + cols[i], (size_t)widths[i] * sizeof(float));
+        trace(j, names[i], layer, ts->xf, j->n, widths[i]);
+    }
+}
+
+static void layer_job(const job *j, thread_scratch *ts, int32_t layer, bool tr)
+{
+    tern_session *s = j->s;
+    const tern_model *m = s->m;
+    const model_layer *L = &m->layers[layer];
+    const int64_t e = m->n_embd, ff = m->n_ff;
+    const int32_t ph = layer * 5;
+
+    norm_quant(j, ts, s->x, e, L->attn_norm, e, 0);
+    if (tr) trace(j, "attn_norm", layer, ts->xf, j->n, e);
+    qkv_phase(j, ts, layer, ph);
+    tern_pool_barrier(s->pool);
+    if (tr) trace_qkv(j, ts, layer);
+
+    attention_phase(j, ts, layer, ph + 1);
+    tern_pool_barrier(s->pool);
+    if (tr) trace(j, "attn", layer, s->att, j->n, e);
+
+    norm_quant(j, ts, s->att, e, L->attn_sub_norm, e, 0);
+    if (tr) trace(j, "attn_sub_norm", layer, ts->xf, j->n, e);
+    rows_phase(j, ts, &L->wo, s->x, e, true, ph + 2);
+    tern_pool_barrier(s->pool);
+
+    norm_quant(j, ts, s->x, e, L->ffn_norm, e, 0);
+    if (tr) trace(j, "ffn_norm", layer, ts->xf, j->n, e);
+    gate_up_phase(j, ts, L, ph + 3);
+    tern_pool_barrier(s->pool);
+    if (tr) trace(j, "ffn_act", layer, s->ffn, j->n, ff);
+
+    norm_quant(j, ts, s->ffn, ff, L->ffn_sub_norm, ff, 0);
+    if (tr) trace(j, "ffn_sub_norm", layer, ts->xf, j->n, ff);
+    rows_phase(j, ts, &L->w_down, s->x, e, true, ph + 4);
+    tern_pool_barrier(s->pool);
+    if (tr) trace(j, "out", layer, s->x, j->n, e);
+}
+
+static void head_item(const job *j, thread_scratch *ts, int64_t r0, int64_t nr, int32_t t0)
+{
+    const tern_model *m = j->s->m;
+    const int64_t e = m->n_embd, V = m->n_vocab;
+    const int32_t nt = j->n - t0;
+    if (m->lm_head == TERN_LM_HEAD_INT8) {
+        const int8_t *w = m->head_q + r0 * e;
+        if (nt == 1)
+            m->kern->gemv_i8(w, e, ts->xq, ts->acc, 0, nr);
+        else
+            m->kern->gemm_i8(w, e, ts->xq, e, nt, ts->acc, nr, 0, nr, ts->gemm);
+        for (int32_t t = 0; t < nt; t++)
+            for (int64_t i = 0; i < nr; i++)
+                j->logits[t * V + r0 + i] = bitlinear_out(ts->acc[t * nr + i], ts->xs[t], m->head_scale[r0 + i]);
+        return;
+    }
+    const uint8_t *rows = m->head.data + r0 * m->head.row_bytes;
+    if (m->head.type == TERN_TYPE_F16 && ((uintptr_t)rows & 1) == 0) {
+        for (int32_t t = 0; t < nt; t++)
+            m->kern->gemv_f16((const uint16_t *)(const void *)rows, e, ts->xf + t * e, j->logits + t * V + r0, 0, nr);
+        return;
+    }
+    for (int64_t i = 0; i < nr; i++) {
+        tern_dequant_row(m->head.type, rows + i * m->head.row_bytes, e, ts->row);
+        for (int32_t t = 0; t < nt; t++) {
+            float acc = 0.0f;
+            for (int64_t c = 0; c < e; c++)
+                acc += ts->row[c] * ts->xf[t * e + c];
+            j->logits[t * V + r0 + i] = acc;
+        }
+    }
+}
+
+static void head_job(const job *j, thread_scratch *ts, bool tr)
+{
+    const tern_model *m = j->s->m;
+    const int32_t t0 = j->all ? 0 : j->n - 1, phase = m->n_layer * 5;
+    norm_quant(j, ts, j->s->x, m->n_embd, m->output_norm, m->n_embd, t0);
+    if (tr) trace(j, "output_norm", -1, ts->xf, j->n - t0, m->n_embd);
+    const int64_t items = (m->n_vocab + HEAD_CHUNK - 1) / HEAD_CHUNK;
+    for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase)) {
+        const int64_t r0 = it * HEAD_CHUNK;
+        head_item(j, ts, r0, m->n_vocab - r0 < HEAD_CHUNK ? m->n_vocab - r0 : HEAD_CHUNK, t0);
+    }
+}
+
+static void chunk_job(void *ctx, int ith, int nth)
+{
+    const job *j = ctx;
+    thread_scratch *ts = &j->s->ts[ith];
+    const bool tr = ith == 0 && j->s->trace;
+    for (int32_t l = 0; l < j->s->m->n_layer; l++)
+        layer_job(j, ts, l, tr);
+    if (j->logits)
+        head_job(j, ts, tr);
+}
+
+void tern_forward_chunk(tern_session *s, const int32_t *tokens, int32_t n, float *logits, bool all)
+{
+    const tern_model *m = s->m;
+    const int32_t half = m->head_dim / 2;
+    for (int32_t t = 0; t < n; t++) {
+        tern_dequant_row(m->token_embd.type, m->token_embd.data + (int64_t)tokens[t] * m->token_embd.row_bytes,
+                         m->n_embd, s->x + (int64_t)t * m->n_embd);
+        tern_rope_table(s->n_past + t, m->head_dim, (double)m->rope_theta, s->rope_cos + t * half,
+                        s->rope_sin + t * half);
+    }
+    for (int32_t p = 0; p < s->n_phases; p++)
+        atomic_store_explicit(&s->work[p], 0, memory_order_relaxed);
+    job j = {s, n, s->n_past, logits, all};
+    tern_pool_run(s->pool, chunk_job, &j);
+}

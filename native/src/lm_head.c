@@ -1,0 +1,39 @@
+/* The default LM head: an int8 per-row copy of the head matrix made at load (layout.h "I8"),
+ * half the bytes of f16 (Microsoft measured +0.06% perplexity for a Q8_0 head). */
+#include <math.h>
+#include <stdlib.h>
+
+#include "error.h"
+#include "model.h"
+
+int32_t tern_build_int8_head(tern_model *m)
+{
+    const int64_t rows = m->n_vocab, cols = m->n_embd;
+    const size_t bytes = ((size_t)(rows * cols) + 63) / 64 * 64;
+    m->head_q = aligned_alloc(64, bytes);
+    m->head_scale = malloc((size_t)rows * sizeof(float));
+    float *row = malloc((size_t)cols * sizeof(float));
+    if (!m->head_q || !m->head_scale || !row) {
+        free(row);
+        return tern_fail(TERN_ERR_NOMEM, "cannot allocate the int8 LM head (%zu bytes)", bytes);
+    }
+    m->alloc_bytes += bytes + (size_t)rows * sizeof(float);
+    for (int64_t r = 0; r < rows; r++) {
+        tern_dequant_row(m->head.type, m->head.data + r * m->head.row_bytes, cols, row);
+        float amax = 0.0f;
+        for (int64_t k = 0; k < cols; k++) {
+            if (!isfinite(row[k])) {
+                free(row);
+                return tern_fail(TERN_ERR_FORMAT, "LM head: non-finite value in row %lld", (long long)r);
+            }
+            amax = fabsf(row[k]) > amax ? fabsf(row[k]) : amax;
+        }
+        const float scale = amax / 127.0f;
+        int8_t *q = m->head_q + r * cols;
+        for (int64_t k = 0; k < cols; k++)
+            q[k] = scale > 0.0f ? (int8_t)nearbyintf(row[k] / scale) : 0;
+        m->head_scale[r] = scale;
+    }
+    free(row);
+    return TERN_OK;
+}

@@ -1,0 +1,57 @@
+#include "ops.h"
+
+#include <math.h>
+
+void tern_rms_norm(const float *x, const float *w, int64_t n, float eps, float *y)
+{
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        sum += x[i] * x[i];
+    const float r = sqrtf(sum / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        y[i] = x[i] / r * w[i];
+}
+
+float tern_quantize_row(const float *x, int64_t n, int8_t *q)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
+    const float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    for (int64_t i = 0; i < n; i++) {
+        float v = nearbyintf(x[i] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[i] = (int8_t)v;
+    }
+    return s;
+}
+
+void tern_rope_table(int64_t pos, int32_t d, double theta, float *cos_t, float *sin_t)
+{
+    for (int32_t i = 0; i < d / 2; i++) {
+        const double inv_freq = pow(theta, -(double)(2 * i) / (double)d);
+        const double a = (double)pos * inv_freq;
+        cos_t[i] = (float)cos(a);
+        sin_t[i] = (float)sin(a);
+    }
+}
+
+void tern_rope_head(float *x, int32_t d, const float *cos_t, const float *sin_t)
+{
+    const int32_t half = d / 2;
+    for (int32_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos_t[i] - x2 * sin_t[i];
+        x[i + half] = x2 * cos_t[i] + x1 * sin_t[i];
+    }
+}
+
+float tern_relu2(float x)
+{
+    const float r = x > 0.0f ? x : 0.0f;
+    return r * r;
+}
+
+float tern_silu(float x) { return x / (1.0f + expf(-x)); }

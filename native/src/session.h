@@ -1,0 +1,49 @@
+/* A session: KV cache, per-chunk scratch (shared and per thread) and the thread pool.
+ * Everything tern_forward touches is allocated here, for TERN_CHUNK tokens and n_ctx. */
+#ifndef TERN_SESSION_H
+#define TERN_SESSION_H
+
+#include <stdatomic.h>
+
+#include "model.h"
+#include "threadpool.h"
+
+#define ROW_CHUNK 64   /* rows per work item of wo / gate+up / down */
+#define HEAD_CHUNK 256 /* LM-head rows per work item */
+
+typedef struct thread_scratch {
+    int8_t *xq;      /* TERN_CHUNK x max(n_embd, n_ff): quantized input of the phase */
+    float *xs;       /* TERN_CHUNK activation scales */
+    float *xf;       /* TERN_CHUNK x max(n_embd, n_ff): normalized input (floats) */
+    int32_t *acc;    /* TERN_CHUNK x acc_rows: GEMM results of one work item */
+    void *gemm;      /* TERN_GEMM_SCRATCH_BYTES, 64-aligned */
+    float *scores;   /* n_ctx attention weights */
+    float *row;      /* n_embd: a dequantized LM-head row */
+} thread_scratch;
+
+struct tern_session {
+    tern_model *m;
+    int32_t n_ctx, n_past, kv_type;
+    int64_t kv_dim, qkv_dim, width; /* n_head_kv*head_dim, n_embd + 2*kv_dim, max(n_embd, n_ff) */
+    int64_t acc_rows;
+    uint16_t *k_cache, *v_cache; /* n_layer x n_ctx x kv_dim, f16 */
+    float *x;        /* TERN_CHUNK x n_embd: the residual stream */
+    float *qkv;      /* TERN_CHUNK x qkv_dim: q, k, v after RoPE */
+    float *att;      /* TERN_CHUNK x n_embd: attention output */
+    float *ffn;      /* TERN_CHUNK x n_ff: act(gate) * up */
+    float *rope_cos, *rope_sin; /* TERN_CHUNK x head_dim/2 */
+    _Atomic int64_t *work;      /* next work item, one counter per phase */
+    int32_t n_phases;
+    tern_pool *pool;
+    thread_scratch *ts;
+    int32_t n_threads;
+    _Atomic int cancel;
+    tern_trace_fn trace;
+    void *trace_user;
+};
+
+/* Runs one chunk of n <= TERN_CHUNK tokens at position s->n_past (forward.c). logits: where
+ * to write n (all) or 1 (last token) rows, or NULL for none. */
+void tern_forward_chunk(tern_session *s, const int32_t *tokens, int32_t n, float *logits, bool all);
+
+#endif
