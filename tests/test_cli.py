@@ -203,3 +203,17 @@ def test_chat_ctrl_c_stops_the_reply_not_the_program(tiny_model_path):
     assert b"[stopped]" in err
     report = [line for line in err.decode().splitlines() if "cancelled" in line]
     assert report and int(report[0].split()[0].lstrip("[")) < 3000
+
+
+def test_chat_without_model_uses_the_library_default(byte_model, tmp_path, monkeypatch):
+    from engine.library import Library
+
+    monkeypatch.setenv("TERN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TERN_MODELS_DIR", str(tmp_path / "models"))
+    Library().add(byte_model)
+    proc = subprocess.run([sys.executable, "-m", "engine", "chat", "--backend", "reference", "--max-tokens", "3",
+                           "--temperature", "0"], cwd=REPO, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+                          input=b"Hello\n", capture_output=True, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert str(Path(byte_model).resolve()) in err and "[3 tokens" in err
