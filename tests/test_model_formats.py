@@ -275,3 +275,22 @@ def test_cli_info_json(tiny_model_path, capsys):
     assert d["tensor_types"]["TQ1_0"] == 14 and d["hparams"]["head_dim"] == 64
     assert cli_main(["info", str(tiny_model_path("tq1_0", tokenizer=False))]) == 0
     assert "activation relu2" in capsys.readouterr().out
+
+
+def test_real_llama_cpp_runs_our_tq_files(tiny_model_path):
+    """Upstream llama.cpp (through llama-cpp-python) loads the `bitnet` TQ1_0/TQ2_0 layout, tokenizes
+    with the Llama-3 pre-tokenizer the file names, and both encodings of the same weights agree."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    logits = {}
+    for fmt in ("tq1_0", "tq2_0"):
+        llm = llama_cpp.Llama(model_path=str(tiny_model_path(fmt)), n_ctx=64, logits_all=True, verbose=False)
+        try:
+            ids = llm.tokenize(b"Hello eight-bit world", add_bos=True)
+            assert ids == [128000, 9906, 8223, 15615, 1917]     # '-bit' is one token, as trained
+            llm.eval(ids)
+            logits[fmt] = np.array(llm.scores[:len(ids)], dtype=np.float32)
+        finally:
+            llm.close()
+    assert logits["tq1_0"].shape == (5, 128256) and np.isfinite(logits["tq1_0"]).all()
+    assert logits["tq1_0"].std() > 0.1
+    np.testing.assert_allclose(logits["tq1_0"], logits["tq2_0"], atol=1e-4)
