@@ -242,7 +242,12 @@ def install_from_hub(repo: str, filename: str, revision: str = "main", *, token:
         return library.add(dest, source=source, sha256=remote.sha256)
     download_file(remote, dest, token=token, progress=progress, control=control, policy=policy,
                   free_space=free_space)
-    return library.add(dest, source=source, sha256=remote.sha256)
+    try:
+        return library.add(dest, source=source, sha256=remote.sha256)
+    except ModelFormatError:
+        dest.unlink(missing_ok=True)      # the hub's file, intact, but not a model Tern can list
+        library._prune_empty_dirs(dest.parent)
+        raise
 
 
 CHECKPOINT_PATTERNS = ("*.json", "*.safetensors")

@@ -30,6 +30,7 @@ from engine.download import (
     part_path,
 )
 from engine.errors import CancelledError, ChecksumError, DiskSpaceError, DownloadError
+from engine.testmodel import make_test_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer, HubState  # noqa: E402
@@ -300,3 +301,44 @@ def test_terminal_progress_bar_shows_bytes(server, state, tmp_path):
     bar.close()
     assert bar.n == bar.total == 3_000_000
     assert "model.gguf" in out.getvalue() and "2.86M" in out.getvalue()
+
+
+# ---- the command line: Ctrl-C, a killed process, and the resume ---------------------------------
+
+def run_cli(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine", "download", *args], env=env,
+                            cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_ctrl_c_and_kill_leave_a_part_that_the_next_run_resumes(server, state, tmp_path):
+    data = make_test_model(tmp_path / "tiny.gguf", "i2_s", "tiny", seed=2).read_bytes()   # ~450 kB
+    state.add_repo(REPO, {"model.gguf": data})
+    state.throttle_bps = 60_000
+    env = {**os.environ, "HF_ENDPOINT": server.url, "TERN_HOME": str(tmp_path / "home"),
+           "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}
+    part = tmp_path / "home" / "data" / "models" / "tern-test" / "tiny-ternary" / "model.gguf.part"
+
+    proc = run_cli([REPO, "model.gguf"], env)
+    assert wait_for(lambda: file_size(part) > 100_000, timeout=30)
+    proc.send_signal(signal.SIGINT)                          # Ctrl-C
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    after_ctrl_c = file_size(part)
+    assert 100_000 < after_ctrl_c < len(data)
+
+    proc = run_cli([REPO, "model.gguf"], env)
+    assert wait_for(lambda: file_size(part) > after_ctrl_c + 60_000, timeout=30)
+    proc.kill()                                              # the process dies without a word
+    proc.communicate(timeout=20)
+    after_kill = file_size(part)
+    assert state.ranges("model.gguf")[1] == f"bytes={after_ctrl_c}-"
+
+    state.throttle_bps = None
+    proc = run_cli([REPO, "model.gguf"], env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert state.ranges("model.gguf")[-1] == f"bytes={after_kill}-"
+    assert part.with_name("model.gguf").read_bytes() == data
+    assert not part.exists()
+    assert "I2_S" in err                                     # it is in the library now

@@ -179,3 +179,17 @@ def test_catalogue_lists_the_default_model_first():
         assert m["repo"].count("/") == 1
         assert m["route"] != "gguf" or m["file"].endswith(".gguf")
     assert any(m["route"] == "convert" for m in models)
+
+
+def test_models_command_lists_the_library(home, tmp_path, gguf_bytes, capsys):
+    from engine.cli import main
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(gguf_bytes["i2_s"])
+    assert main(["models", "--add", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["quant"], m["default"], m["missing"]) for m in listed] == [("I2_S", True, False)]
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    assert listed[0]["id"] in table and "I2_S" in table and table.splitlines()[1].startswith("*")

@@ -16,6 +16,7 @@ from engine import hub
 from engine.download import RetryPolicy, download_file
 from engine.errors import AuthError
 from engine.secrets import ACCOUNT, SERVICE, InvalidTokenError, KeychainUnavailableError, TokenStore
+from engine.testmodel import make_test_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import HubServer, HubState, token_digest  # noqa: E402
@@ -68,11 +69,16 @@ def no_keychain():
     keyring.set_keyring(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> bytes:
+    return make_test_model(tmp_path_factory.mktemp("m") / "tiny.gguf", "i2_s", "tiny", seed=4).read_bytes()
+
+
 @pytest.fixture
-def gated_hub(monkeypatch, tmp_path):
+def gated_hub(monkeypatch, tmp_path, tiny_gguf):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     state = HubState(token_sha256={token_digest(TOKEN)})
-    state.add_repo(GATED, {"model.gguf": bytes(range(256)) * 4000}, gated=True)
+    state.add_repo(GATED, {"model.gguf": tiny_gguf}, gated=True)
     with HubServer(state) as srv:
         monkeypatch.setenv("HF_ENDPOINT", srv.url)
         monkeypatch.setenv("TERN_HOME", str(tmp_path / "home"))
@@ -173,3 +179,21 @@ def _chain(exc: BaseException):
     while exc is not None:
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def test_cli_token_flag_stores_the_token_and_downloads(gated_hub, memory_keyring, monkeypatch, capsys, caplog,
+                                                        tmp_path):
+    import io
+
+    from engine.cli import main
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(TOKEN + "\n"))     # not a TTY: one line is read
+    assert main(["download", GATED, "model.gguf", "--token"]) == 0
+    out, err = capsys.readouterr()
+    assert memory_keyring.items == {(SERVICE, ACCOUNT): TOKEN}
+    assert "token stored in the system keychain" in err and "I2_S" in err
+    assert TOKEN not in out + err + caplog.text
+    assert files_containing(tmp_path, TOKEN.encode()) == []
+    assert all(r["auth"] == "valid" for r in gated_hub.requests if r["method"] == "GET" and "/resolve/" in r["path"])
+    assert main(["download", "--forget-token"]) == 0
+    assert memory_keyring.items == {}
