@@ -28,7 +28,11 @@ parts to rounding):
 - RoPE angles pos * theta**(-2i/head_dim) are computed in float64, then cos/sin rounded to
   float32; the rotation itself is float32.
 - Attention scores q·k / sqrt(head_dim) and the softmax (max subtracted) are float32.
-- The LM head is float32: the head matrix dequantized to float32, one float32 matmul.
+- The LM head is float32: the head matrix dequantized to float32, one matrix-vector product
+  per token.
+- Every float operation works on one token (row) at a time with the same shapes whatever the
+  batch, so a token's logits are bit-identical whether the sequence came in one forward() or
+  token by token (the KV-cache test asserts exact equality).
 
 The decoder copies every weight it needs at creation (ternary codes unpacked once to int8), so
 the model may be closed afterwards. That costs ~1 byte per ternary weight and 4 per head
@@ -107,26 +111,29 @@ ACTIVATIONS = {"relu2": relu2, "silu": silu}
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, first_pos: int) -> np.ndarray:
-    """Grouped-query causal attention.
+    """Grouped-query causal attention, one query at a time.
 
     q: (T, n_head, d) at positions first_pos..first_pos+T-1; k, v: (P, n_head_kv, d) holding
-    positions 0..P-1 (P = first_pos + T). Returns (T, n_head * d) float32.
+    positions 0..P-1 (P = first_pos + T). Returns (T, n_head * d) float32. Each query sees
+    exactly the keys 0..its position, so a token's result does not depend on how the sequence
+    was split into forward() calls.
     """
     n_tok, n_head, head_dim = q.shape
-    n_pos, n_head_kv, _ = k.shape
-    group = n_head // n_head_kv
+    group = n_head // k.shape[1]
     # Head h reads KV head h // group, as in llama.cpp and transformers' repeat_kv.
-    k_full = np.repeat(k, group, axis=1).transpose(1, 2, 0)     # (n_head, d, P)
-    v_full = np.repeat(v, group, axis=1).transpose(1, 0, 2)     # (n_head, P, d)
-    scores = np.matmul(q.transpose(1, 0, 2), k_full) * np.float32(1.0 / np.sqrt(head_dim))
-    query_pos = first_pos + np.arange(n_tok)[:, None]
-    future = np.arange(n_pos)[None, :] > query_pos               # (T, P)
-    scores = np.where(future[None], np.float32(-np.inf), scores)
-    scores = scores - np.max(scores, axis=-1, keepdims=True)
-    probs = np.exp(scores)
-    probs /= np.sum(probs, axis=-1, keepdims=True)
-    out = np.matmul(probs, v_full)                               # (n_head, T, d)
-    return out.transpose(1, 0, 2).reshape(n_tok, n_head * head_dim).astype(np.float32)
+    k_full = np.repeat(k, group, axis=1)                          # (P, n_head, d)
+    v_full = np.repeat(v, group, axis=1)
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    out = np.empty((n_tok, n_head, head_dim), dtype=np.float32)
+    for t in range(n_tok):
+        keys = k_full[:first_pos + t + 1].transpose(1, 0, 2)      # (n_head, p, d)
+        values = v_full[:first_pos + t + 1].transpose(1, 0, 2)
+        scores = np.matmul(keys, q[t][:, :, None])[:, :, 0] * scale   # (n_head, p)
+        scores = scores - np.max(scores, axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= np.sum(probs, axis=-1, keepdims=True)
+        out[t] = np.matmul(probs[:, None, :], values)[:, 0, :]
+    return out.reshape(n_tok, n_head * head_dim)
 
 
 # ---------------------------------------------------------------------------
@@ -218,9 +225,12 @@ class ReferenceDecoder:
         x = rms_norm(x, self._output_norm, self.hparams.rms_eps)
         _record(trace, "output_norm", x)
         if not all_logits:
-            x = x[-1:]
-        logits = np.matmul(x, self._head.T).astype(np.float32)
-        return logits if all_logits else logits[0]
+            return self._lm_head(x[-1])
+        return np.stack([self._lm_head(row) for row in x])
+
+    def _lm_head(self, x: np.ndarray) -> np.ndarray:
+        """One row at a time (a matrix-vector product), so logits do not depend on batching."""
+        return np.matmul(self._head, x).astype(np.float32)
 
     def truncate(self, n: int) -> None:
         if not 0 <= n <= self.n_past:
