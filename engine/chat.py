@@ -507,5 +507,5 @@ def chat_format_for(metadata: dict, tokenizer: Tokenizer) -> ChatFormat:
     template = metadata.get("tokenizer.chat_template")
     if arch in BITNET_ARCHS or not isinstance(template, str) or not template.strip():
         return BitNetChatFormat(tokenizer)
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", getattr(tokenizer, "add_bos", False)))
     return TemplateChatFormat(tokenizer, template, add_bos=add_bos)

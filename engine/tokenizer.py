@@ -198,8 +198,10 @@ class Tokenizer:
     """Byte-level BPE over a GGUF vocabulary. Build with `Tokenizer.from_gguf_metadata(md)`."""
 
     def __init__(self, tokens: list[str], token_types: list[int], merges: list[tuple[str, str]],
-                 bos_id: int | None, eos_id: int | None, pre: str, source: str = "<metadata>"):
+                 bos_id: int | None, eos_id: int | None, pre: str, source: str = "<metadata>",
+                 add_bos: bool = False):
         self.n_vocab = len(tokens)
+        self.add_bos = add_bos                            # the file's tokenizer.ggml.add_bos_token
         self.pre = pre                                    # 'llama3' | 'gpt2': the split in use
         self._tokens = tokens                             # (n_vocab,) token spellings
         self._types = token_types                         # (n_vocab,) gguf TokenType
@@ -230,7 +232,8 @@ class Tokenizer:
         bos = _optional_id(md, "tokenizer.ggml.bos_token_id", len(tokens), source)
         eos = _optional_id(md, "tokenizer.ggml.eos_token_id", len(tokens), source)
         pre = _choose_pre(_as_str(md.get("tokenizer.ggml.pre")), tokens)
-        return cls(tokens, types, merges, bos, eos, pre, source)
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+        return cls(tokens, types, merges, bos, eos, pre, source, add_bos)
 
     # -- encoding -------------------------------------------------------------------------------
 
