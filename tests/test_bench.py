@@ -1,0 +1,87 @@
+"""`python -m engine bench` on a tiny model, one repeat: the JSON report's structure and sane
+values (speed itself is measured by the benchmark, never asserted here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.bench import tern_bytes_per_token
+from engine.cli import main
+from engine.model import load_model
+
+FIGURES = ("pp128_tps", "pp512_tps", "tg16_tps")
+
+
+def run_cli(capsys, *args: str) -> dict:
+    assert main(["bench", *args, "--repeat", "1", "--tg", "16", "--probe-mb", "64", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def check_engine(entry: dict, bandwidth: float) -> None:
+    for key in FIGURES:
+        fig = entry[key]
+        assert len(fig["runs"]) == 1
+        assert fig["median"] == fig["best"] == fig["runs"][0] > 0
+    ttft = entry["ttft512_s"]["median"]
+    # the first token needs the whole 512-token prompt: not faster than pp512 says
+    assert ttft >= 512 / entry["pp512_tps"]["median"] * 0.999
+    assert entry["load_s"] > 0
+    assert 10 * 2**20 < entry["peak_rss_bytes"] < 8 * 2**30
+    bpt = entry["bytes_per_token"]["total"]
+    assert bpt > 0
+    gbps = entry["decode_gbps"]["median"]
+    assert gbps == pytest.approx(entry["tg16_tps"]["median"] * bpt / 1e9)
+    assert entry["decode_bandwidth_fraction"]["median"] == pytest.approx(gbps / bandwidth)
+
+
+def test_bench_native_both_lm_heads(capsys, tiny_model_path):
+    path = tiny_model_path("i2_s", tokenizer=False)
+    report = run_cli(capsys, "--model", str(path), "--threads", "2", "--lm-head", "int8,f16")
+    assert report["threads"] == 2 and report["repeat"] == 1
+    assert report["machine"]["logical_cpus"] >= 1
+    bw = report["bandwidth_gbps"]
+    assert set(bw) == {"1", "2"} and all(0.1 < v < 10_000 for v in bw.values())
+    engines = report["engines"]
+    assert [(e["engine"], e["lm_head"]) for e in engines] == [("tern native", "int8"), ("tern native", "f16")]
+    for e in engines:
+        assert e["kernel"] in ("scalar", "avx2", "avx512-vnni", "amx", "neon")
+        check_engine(e, bw["2"])
+    # the f16 head reads twice the bytes of the int8 copy (less its per-row scales)
+    model = load_model(path)
+    try:
+        hp = model.hparams
+        int8, f16 = (tern_bytes_per_token(model, h, 16) for h in ("int8", "f16"))
+    finally:
+        model.close()
+    assert int8["lm_head"] == hp.n_vocab * hp.n_embd + 4 * hp.n_vocab
+    assert f16["lm_head"] == 2 * hp.n_vocab * hp.n_embd
+    assert engines[0]["bytes_per_token"] == int8
+    assert report["ratios"] == {}
+
+
+def test_bench_peer_llama_cpp(capsys, tiny_model_path, tmp_path, llama3_tokenizer_dir):
+    """llama.cpp needs a real BPE vocabulary (merges): the Llama-3 one, for both engines."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional dependency ([llama])")
+    path = tiny_model_path("i2_s", tokenizer=True)
+    report = run_cli(capsys, "--model", str(path), "--peer", "llama-cpp", "--peer-dir", str(tmp_path),
+                     "--tokenizer", str(llama3_tokenizer_dir))
+    names = [e["engine"] for e in report["engines"]]
+    assert names == ["tern native", "llama.cpp", "llama.cpp"]
+    peers = report["engines"][1:]
+    assert [p["model"].rsplit("-", 3)[1] for p in peers] == ["tq2_0", "tq1_0"]
+    for e in report["engines"]:
+        check_engine(e, report["bandwidth_gbps"]["1"])
+    assert len(report["ratios"]) == 2
+    for name, r in report["ratios"].items():
+        peer = next(p for p in peers if name.endswith(p["model"].rsplit("/", 1)[1]))
+        assert r["tg16_tps"]["median"] == pytest.approx(
+            report["engines"][0]["tg16_tps"]["median"] / peer["tg16_tps"]["median"])
+
+
+def test_bad_arguments_are_errors(capsys, tiny_model_path):
+    path = tiny_model_path("i2_s", tokenizer=False)
+    assert main(["bench", "--model", str(path), "--repeat", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", str(path), "--lm-head", "int4"])
