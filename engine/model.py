@@ -94,11 +94,8 @@ class EmbeddingMatrix:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_rows):
             raise IndexError(f"token id out of range 0..{self.n_rows - 1}")
-        out = np.empty((ids.size, self.n_cols), dtype=np.float32)
-        for i, row in enumerate(ids.tolist()):
-            start = row * self.row_bytes
-            out[i] = quants.dequantize(self.raw[start:start + self.row_bytes], self.ggml_type, self.n_cols)
-        return out
+        packed = np.frombuffer(self.raw, dtype=np.uint8).reshape(self.n_rows, self.row_bytes)[ids]
+        return quants.dequantize(packed, self.ggml_type, ids.size * self.n_cols).reshape(ids.size, self.n_cols)
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows start..stop as one (stop - start, n_cols) float32 array."""
