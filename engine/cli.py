@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "engine.cmd_bench",
     "engine.cmd_download",
     "engine.cmd_models",
+    "engine.cmd_selftest",
 ]
 
 

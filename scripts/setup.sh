@@ -14,7 +14,7 @@ if [[ ",$extras," == *",oracle,"* ]]; then
 fi
 if [[ ",$extras," == *",llama,"* ]]; then
   # No wheel for this platform: llama.cpp compiles (15-30 min on 2 cores, cached by pip).
-  CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" python -m pip install -q "llama-cpp-python>=0.3"
+  CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" python -m pip install -q "llama-cpp-python==0.3.36"
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
