@@ -98,8 +98,8 @@ def available_backends() -> dict[str, str | None]:
         try:
             importlib.import_module(module)
             out[name] = None
-        except ImportError as exc:
-            out[name] = str(exc)
+        except (ImportError, OSError, AttributeError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
     out["cuda"] = out["native"]
     return out
 
@@ -141,8 +141,10 @@ def _open_llama_cpp(path: Path, n_ctx: int, threads: int | None):
 def _optional_class(module_name: str, class_name: str, backend: str):
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendUnavailableError(backend, f"cannot import {module_name} ({exc})") from exc
+    except (ImportError, OSError, AttributeError) as exc:
+        # ImportError: the package is missing; OSError / AttributeError: ctypes cannot load the
+        # shared library or finds a symbol missing (a stale build).
+        raise BackendUnavailableError(backend, f"cannot import {module_name} ({type(exc).__name__}: {exc})") from exc
     cls = getattr(module, class_name, None)
     if cls is None:
         raise BackendUnavailableError(backend, f"{module_name} has no {class_name}")

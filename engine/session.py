@@ -209,11 +209,13 @@ class ChatSession:
         stats = GenerationStats(prompt_tokens=len(prompt), dropped_messages=dropped)
         try:
             logits = self._prefill(prompt, stats, cancel)
-            yield from self._decode_loop(logits, params, min(max_tokens, self.n_ctx - len(prompt)),
-                                         max_tokens, cancel, stats)
+            tail = yield from self._decode_loop(logits, params, min(max_tokens, self.n_ctx - len(prompt)),
+                                                max_tokens, cancel, stats)
         except BaseException:
             self._resync()
             raise
+        # Outside the try: a consumer that stops reading after 'done' leaves nothing to undo.
+        yield GenerationEvent("done", tail, None, stats)
 
     def _prefill(self, prompt: list[int], stats: GenerationStats, cancel: threading.Event | None):
         """Run the part of the prompt that is not cached yet; returns the last position's
@@ -241,7 +243,8 @@ class ChatSession:
         return logits
 
     def _decode_loop(self, logits, params: SamplerParams, budget: int, max_tokens: int,
-                     cancel: threading.Event | None, stats: GenerationStats) -> Iterator[GenerationEvent]:
+                     cancel: threading.Event | None, stats: GenerationStats):
+        """Yields the 'token' events, fills `stats`, returns the held-back text tail."""
         sampler = Sampler(params)
         detok = self.tokenizer.detokenizer(skip_special=True)
         stop_ids = self.tokenizer.eos_ids
@@ -283,7 +286,7 @@ class ChatSession:
         stats.decode_tps = steps / busy if steps and busy > 0 else 0.0
         stats.generated, stats.ids, stats.text = len(reply), reply, "".join(text)
         self._remember_reply(stats.text, reply)
-        yield GenerationEvent("done", tail, None, stats)
+        return tail
 
     def _feed(self, ids: list[int]):
         logits = self.decoder.forward(ids)
@@ -292,11 +295,11 @@ class ChatSession:
 
     def _resync(self) -> None:
         """After an error or an abandoned generator, trust only what both sides agree on."""
-        n = min(len(self._cached), self.decoder.n_past)
         try:
+            n = min(len(self._cached), self.decoder.n_past)
             self.decoder.truncate(n)
-        except Exception:  # noqa: BLE001 - the decoder may be closed; start from scratch then
-            log.exception("could not truncate the KV cache after an error")
+        except Exception:  # noqa: BLE001 - the decoder may be closed or broken: start from scratch
+            log.warning("could not resynchronise the KV cache; the next prompt is prefilled in full", exc_info=True)
             n = 0
         self._cached = self._cached[:n]
 
