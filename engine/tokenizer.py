@@ -60,7 +60,10 @@ LLAMA3_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_LLAMA3_PRE_NAMES = {"llama-bpe", "llama3", "llama-v3"}
+# Names llama.cpp (llama-vocab.cpp) maps to its LLAMA3 pre-tokenizer; `falcon_e` is
+# ik_llama.cpp's name for the ternary Falcon-Edge models.
+_LLAMA3_PRE_NAMES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "falcon_e", "pixtral",
+                     "midm-2.0", "lfm2"}
 _GPT2_PRE_NAMES = {"default", "gpt2", "gpt-2"}
 
 LLAMA3_N_VOCAB = 128256
@@ -232,7 +235,8 @@ class Tokenizer:
         bos = _optional_id(md, "tokenizer.ggml.bos_token_id", len(tokens), source)
         eos = _optional_id(md, "tokenizer.ggml.eos_token_id", len(tokens), source)
         pre = _choose_pre(_as_str(md.get("tokenizer.ggml.pre")), tokens)
-        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+        # llama.cpp's default when the key is absent: BOS for the Llama-3 split, none otherwise.
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", pre == "llama3"))
         return cls(tokens, types, merges, bos, eos, pre, source, add_bos)
 
     # -- encoding -------------------------------------------------------------------------------

@@ -211,12 +211,13 @@ def test_explicit_llama3_pre_and_plain_list_metadata(llama3_metadata, tok):
     md["tokenizer.ggml.tokens"] = [t.encode("utf-8") for t in md["tokenizer.ggml.tokens"]]
     md["tokenizer.ggml.bos_token_id"] = int(md["tokenizer.ggml.bos_token_id"])
     t = Tokenizer.from_gguf_metadata(md)
-    assert t.pre == "llama3" and t.eos_ids == tok.eos_ids
+    assert t.pre == "llama3" and t.eos_ids == tok.eos_ids and t.add_bos
     assert t.encode("eight-bit", add_bos=True) == [BOS, 68632, 15615]
 
 
 def test_other_pre_uses_gpt2_split_like_llama_cpp_default(llama3_metadata, caplog):
-    # llama.cpp's default split on this vocabulary gives `-` `bit` (bitnet.cpp on the official file).
+    # The GPT-2 split, like llama.cpp's default one, cuts `-` from `bit` (what bitnet.cpp does
+    # with the official file).
     with caplog.at_level(logging.WARNING, logger="engine.tokenizer"):
         t = Tokenizer.from_gguf_metadata({**llama3_metadata, "tokenizer.ggml.pre": "qwen2"})
     assert t.pre == "gpt2" and "qwen2" in caplog.text
@@ -294,6 +295,16 @@ def test_byte_vocab_without_merges():
     assert t.decode(ids) == text
     assert t.bos_id == 256 and t.eos_ids == {257, 258} and t.encode_special("<|eot_id|>") == 258
     assert t.encode("a", add_bos=True) == [256, 97]
+
+
+@pytest.mark.parametrize("pre, split", [("llama-bpe", "llama3"), ("llama3", "llama3"), ("falcon3", "llama3"),
+                                        ("falcon_e", "llama3"), ("default", "gpt2"), ("gpt-2", "gpt2"),
+                                        ("deepseek-v3", "gpt2")])
+def test_pre_names(pre, split):
+    md = {k: v for k, v in gguf_metadata_byte_vocab().items() if k != "tokenizer.ggml.add_bos_token"}
+    t = Tokenizer.from_gguf_metadata({**md, "tokenizer.ggml.pre": pre})
+    assert t.pre == split and t.add_bos == (split == "llama3")   # llama.cpp's add_bos default
+    assert t.encode("x'S  1234") == list(b"x'S  1234")            # no merges: bytes either way
 
 
 def test_byte_to_unicode_is_a_bijection():
