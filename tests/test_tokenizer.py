@@ -337,3 +337,23 @@ def test_bad_metadata_raises_typed_error(changes, message):
     with pytest.raises(ModelFormatError, match=message) as err:
         Tokenizer.from_gguf_metadata(_tiny(**changes), path="model.gguf")
     assert "model.gguf" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through a real GGUF file (engine.testmodel writes it, engine.model reads it)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt, pre", [("i2_s", "llama3"), ("tq2_0", "llama3")])
+def test_tokenizer_from_a_written_gguf(tiny_model_path, tok, fmt, pre):
+    from engine.chat import BitNetChatFormat, chat_format_for
+    from engine.model import load_model
+
+    with load_model(tiny_model_path(fmt)) as model:
+        md = model.tokenizer_metadata
+        arch = model.hparams.arch
+    if fmt == "i2_s":                             # bitnet.cpp's layout: no pre key, placeholder template
+        assert "tokenizer.ggml.pre" not in md and "BITNETAssistant" in md["tokenizer.chat_template"]
+    from_file = Tokenizer.from_gguf_metadata(md, path=f"tiny-{fmt}.gguf")
+    assert from_file.pre == pre and from_file.n_vocab == tok.n_vocab and from_file.eos_ids == tok.eos_ids
+    assert from_file.encode_batch(STRINGS[:300]) == tok.encode_batch(STRINGS[:300])
+    assert isinstance(chat_format_for({"general.architecture": arch, **md}, from_file), BitNetChatFormat)
