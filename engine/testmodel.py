@@ -12,6 +12,7 @@ converter writes it (F16 token embedding, rope scaling keys), plus `bitnet.hidde
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import zlib
@@ -168,6 +169,12 @@ def _upstream_tokenizer_metadata(md: dict, tokenizer_dir: Path | None) -> dict:
     return md
 
 
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer_metadata(tokenizer_dir: Path) -> dict:
+    """Cached: test sessions write many models with one tokenizer (callers never mutate it)."""
+    return gguf_metadata_from_hf_tokenizer(tokenizer_dir)
+
+
 def make_test_model(out, fmt: str, shape: str = "tiny", seed: int = 1, tokenizer_dir=None,
                     embedding_type: str = "f16") -> Path:
     """Write a random-weight BitNet GGUF; returns its path."""
@@ -176,8 +183,8 @@ def make_test_model(out, fmt: str, shape: str = "tiny", seed: int = 1, tokenizer
     if embedding_type not in EMBEDDING_FORMATS:
         raise ValueError(f"embedding type {embedding_type!r} not in {sorted(EMBEDDING_FORMATS)}")
     dims = SHAPES[shape]
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    tok_md = gguf_metadata_from_hf_tokenizer(tok_dir) if tok_dir is not None else gguf_metadata_byte_vocab()
+    tok_dir = Path(tokenizer_dir).resolve() if tokenizer_dir is not None else None
+    tok_md = _hf_tokenizer_metadata(tok_dir) if tok_dir is not None else gguf_metadata_byte_vocab()
     n_vocab = len(tok_md["tokenizer.ggml.tokens"])
     arch = "bitnet" if fmt in ("tq1_0", "tq2_0") else "bitnet-b1.58"
     if arch == "bitnet":
