@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from engine.chat import BitNetChatFormat, RenderedPrompt
+from engine.chat import BitNetChatFormat
 from engine.errors import ContextOverflowError, TernError
 from engine.sampling import Sampler, SamplerParams
 
@@ -114,9 +114,7 @@ class ChatSession:
     def render(self, messages: Sequence, system: str | None = None) -> list[int]:
         """Prompt ids for `messages`, generation prompt included, with replies this session
         generated rendered as the ids it generated."""
-        rendered = self.chat_format.render(_without_system(messages), _system_of(messages, system),
-                                           add_generation_prompt=True)
-        return self._with_exact_replies(rendered, messages)
+        return self._render(_without_system(messages), _system_of(messages, system))[0]
 
     def render_text(self, messages: Sequence, system: str | None = None) -> str:
         """The prompt as text, special tokens spelt out."""
@@ -126,22 +124,33 @@ class ChatSession:
         """The prompt the model saw for the latest reply, special tokens spelt out."""
         return self.tokenizer.decode(self.last_prompt_ids, skip_special=False)
 
-    def _with_exact_replies(self, rendered: RenderedPrompt, messages: Sequence) -> list[int]:
-        ids = rendered.ids
-        if not self._exact_replies or not self._replies or not rendered.spans:
-            return list(ids)
-        generation_prompt = ids[rendered.spans[-1].end:]
-        out = list(ids[:rendered.spans[0].start])
-        conversation = _without_system(messages)
-        for span in rendered.spans:
+    def _render(self, conversation: list, system: str | None) -> tuple[list[int], list[int]]:
+        """(prompt ids, ids taken by each message of `conversation`) — the system prompt goes
+        in separately; `conversation` holds no 'system' message."""
+        rendered = self.chat_format.render(conversation, system, add_generation_prompt=True)
+        ids, spans = rendered.ids, rendered.spans
+        lengths = [0] * len(conversation)
+        if not spans:
+            return list(ids), lengths
+        generation_prompt = ids[spans[-1].end:]
+        out = list(ids[:spans[0].start])
+        for span in spans:
             piece = ids[span.start:span.end]
-            if span.role == "assistant" and span.index is not None:
-                exact = self._replies.get(_role_content(conversation[span.index])[1].strip())
-                if exact is not None:
-                    # BitNet format: `Assistant: {reply}<|eot_id|>`, as the cache holds it
-                    piece = generation_prompt + exact + piece[-1:]
+            if span.index is not None:
+                piece = self._exact_reply(conversation[span.index], piece, generation_prompt)
+                lengths[span.index] += len(piece)
             out += piece
-        return out + generation_prompt
+        return out + generation_prompt, lengths
+
+    def _exact_reply(self, message, piece: list[int], generation_prompt: list[int]) -> list[int]:
+        role, content = _role_content(message)
+        if role != "assistant" or not self._exact_replies:
+            return piece
+        exact = self._replies.get(content.strip())
+        if exact is None:
+            return piece
+        # BitNet format: `Assistant: {reply}<|eot_id|>` as the cache holds it
+        return generation_prompt + exact + piece[-1:]
 
     def _remember_reply(self, text: str, ids: list[int]) -> None:
         key = text.strip()
@@ -161,15 +170,22 @@ class ChatSession:
         last message alone does not leave room for one reply token."""
         system = _system_of(messages, system)
         conversation = _without_system(messages)
-        dropped = 0
-        while True:
-            kept = conversation[dropped:]
-            ids = self.render(kept, system)
-            if len(ids) + max_tokens <= self.n_ctx or len(kept) <= 1:
+        ids, lengths = self._render(conversation, system)
+        # Where to cut, estimated from one render (exact for the 2B4T format, whose messages
+        # are encoded one by one), then checked by rendering what is kept.
+        starts = _turn_starts(conversation)
+        dropped, excess = starts[0], len(ids) + max_tokens - self.n_ctx
+        for start in starts:
+            dropped = start
+            if sum(lengths[:start]) >= excess:
                 break
-            dropped += 1
-            while dropped < len(conversation) - 1 and _role_content(conversation[dropped])[0] != "user":
-                dropped += 1
+        while True:
+            if dropped:
+                ids, _ = self._render(conversation[dropped:], system)
+            later = [s for s in starts if s > dropped]
+            if len(ids) + max_tokens <= self.n_ctx or not later:
+                break
+            dropped = later[0]
         if len(ids) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt needs {len(ids)} tokens, leaving no room for a reply in a context of {self.n_ctx}")
@@ -320,6 +336,14 @@ class ChatSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _turn_starts(conversation: list) -> list[int]:
+    """Where the kept part of a conversation may begin: 0, then every user message but the
+    first (so that what is kept starts with a user message), and the last message at the latest."""
+    starts = [0] + [i for i, m in enumerate(conversation) if i and _role_content(m)[0] == "user"]
+    last = max(len(conversation) - 1, 0)
+    return [s for s in starts if s <= last] or [0]
 
 
 def _checked_max_tokens(max_tokens: int) -> int:
