@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -243,7 +244,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; special-token spellings inside it stay plain text."""
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        ids = self._hf.encode(_encodable(text), add_special_tokens=False).ids
         if add_bos:
             if self.bos_id is None:
                 raise ModelFormatError("<tokenizer>", "the vocabulary declares no BOS token")
@@ -251,7 +252,7 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._hf.encode_batch([_encodable(t) for t in texts], add_special_tokens=False)]
 
     def encode_special(self, name: str) -> int:
         """Id of the special (control) token spelt `name`, e.g. '<|eot_id|>'. KeyError if absent."""
@@ -313,6 +314,15 @@ class Detokenizer:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str) -> str:
+    """Lone surrogates (possible in a Python str, e.g. from a broken paste) are not UTF-8 and make
+    `tokenizers` refuse the whole text; they become U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
 
 def _as_list(value) -> list:
     if value is None:

@@ -182,6 +182,11 @@ def test_goldens(tok, text, ids):
     assert tok.encode(text) == ids
 
 
+def test_lone_surrogates_become_replacement_characters(tok):
+    assert tok.encode("a\ud800b") == tok.encode("a\ufffdb")
+    assert tok.decode(tok.encode("x\udfff")) == "x\ufffd"
+
+
 def test_bos_and_specials(tok):
     assert tok.encode("Hello world", add_bos=True) == [BOS, 9906, 1917]
     assert tok.bos_id == BOS and tok.eos_id == EOS
