@@ -107,6 +107,11 @@ class ChatSession:
         return self.decoder.n_ctx
 
     @property
+    def n_cached(self) -> int:
+        """Tokens in the KV cache (the app's context meter: n_cached of n_ctx)."""
+        return len(self._cached)
+
+    @property
     def cached_ids(self) -> list[int]:
         """A copy of the ids now in the KV cache."""
         return list(self._cached)

@@ -218,10 +218,11 @@ def test_stats_are_filled(session):
 # context overflow
 # ---------------------------------------------------------------------------------------------
 
-def test_overflow_drops_oldest_turns_but_never_the_system_prompt(byte_model):
+@pytest.mark.parametrize("n_turns", [6, 60])
+def test_overflow_drops_oldest_turns_but_never_the_system_prompt(byte_model, n_turns):
     system = "You are terse."
     turns = []
-    for i in range(6):
+    for i in range(n_turns):
         turns += [Message("user", f"Question number {i}?"), Message("assistant", f"Answer number {i}.")]
     turns.append(Message("user", "Last question?"))
     with open_chat(byte_model, backend="reference", n_ctx=160) as session:
@@ -237,6 +238,12 @@ def test_overflow_drops_oldest_turns_but_never_the_system_prompt(byte_model):
     assert len(session.render(turns[dropped - 2:], system)) + 16 > 160   # no more dropped than needed
     text = session.tokenizer.decode(session.last_prompt_ids, skip_special=False)
     assert text.startswith(f"<|begin_of_text|>System: {system}<|eot_id|>User: {kept[0].content}")
+
+
+def test_a_system_message_in_the_list_is_the_system_prompt(session):
+    run(session, [Message("system", "Speak French."), Message("user", "Hello")])
+    assert session.last_prompt_text() == ("<|begin_of_text|>System: Speak French.<|eot_id|>"
+                                          "User: Hello<|eot_id|>Assistant: ")
 
 
 def test_a_message_too_long_for_the_context_is_a_typed_error(session):
