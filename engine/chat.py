@@ -182,8 +182,8 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = lambda fmt: time.strftime(str(fmt))
         self.filters["tojson"] = _tojson
-        for name in ("center", "indent", "format", "replace", "join", "string", "tojson"):
-            self.filters[name] = self._checked_filter(self.filters[name])
+        # Every filter: most turn their input into text (upper, wordwrap, tojson, ...).
+        self.filters = {name: self._checked_filter(f) for name, f in self.filters.items()}
 
     def _check(self, size: int, what: str) -> None:
         if size > self.max_chars:
@@ -268,12 +268,15 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
                     "format")
 
     def _checked_filter(self, original):
-        """Wraps a filter that can grow text: size checks before (so nothing huge is built) and
-        after. Keeps the filter's pass_context/pass_eval_context marker."""
+        """Wraps a filter with size checks before (so nothing huge is built: its input, and what
+        the growing filters would make of it) and after. Keeps the filter's pass_context /
+        pass_eval_context marker."""
         env, name = self, original.__name__
 
         def guard(*args, **kwargs):
             values = [a for a in args if not _is_jinja_internal(a)]
+            if values:
+                env._check(_approx_size(values[0], env.max_chars), f"input of {name}")
             if name == "do_center" and len(values) >= 2:
                 env._check(int(values[1]), "center")
             elif name == "do_indent" and values:
@@ -296,7 +299,7 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             env._check(_approx_size(result, env.max_chars), name)
             return result
 
-        guard.__dict__.update(original.__dict__)
+        guard.__dict__.update(getattr(original, "__dict__", {}))
         guard.__name__ = name
         return guard
 

@@ -298,6 +298,10 @@ BOMBS = [
     "{{ ('x' * 999999).replace('', 'yy') }}",
     "{{ range(100000) | join('x' * 999) }}",
     "{{ 7 ** 100000000 }}",
+    "{% set a = 'x' * 999999 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}{{ [b, b, b, b] | tojson }}",
+    "{% set a = 'x' * 999999 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}{{ [b, b, b, b] | wordwrap }}",
+    "{% set a = 'x' * 999999 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}{{ '%s' % [b, b] }}",
+    "{% set a = 'x' * 999999 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}{{ '{}'.format(b) }}",
 ]
 ESCAPES = [
     "{{ ''.__class__.__mro__ }}",
