@@ -210,6 +210,8 @@ class GGUFFile:
         cur.pos = 4
         self.version = cur.u32("version")
         if self.version not in SUPPORTED_VERSIONS:
+            if int.from_bytes(self.version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
+                cur.fail(f"unsupported GGUF version {self.version}: a big-endian file (Tern reads little-endian GGUF)")
             cur.fail(f"unsupported GGUF version {self.version} (supported: 2, 3)")
         n_tensors = cur.u64("tensor count")
         n_kv = cur.u64("metadata count")

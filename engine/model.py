@@ -25,7 +25,7 @@ BITNET_ARCHS = ("bitnet-b1.58", "bitnet-25", "bitnet")
 TERNARY_TYPES = (I2_S, TQ1_0, TQ2_0, F32, F16, BF16)
 EMBEDDING_TYPES = (F16, BF16, F32, Q8_0, Q6_K, Q4_0)
 NORM_TYPES = (F32, F16, BF16)
-# rows of a float matrix ternarized per step, to keep the float32 copy small
+# elements of a float matrix converted to float32 per step (keeps the temporary copy ~16 MB)
 _TERNARIZE_CHUNK_ELEMENTS = 1 << 22
 
 

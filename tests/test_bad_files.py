@@ -121,6 +121,10 @@ def test_wrong_version(good, tmp_path, version):
     expect_error(_write(tmp_path, _patch(good, 4, "<I", version)), f"unsupported GGUF version {version}")
 
 
+def test_big_endian_file(good, tmp_path):
+    expect_error(_write(tmp_path, _patch(good, 4, ">I", 3)), "big-endian")
+
+
 @pytest.mark.parametrize("count", [U64_MAX, 2**62, 10**6])
 def test_absurd_tensor_count(good, tmp_path, count):
     expect_error(_write(tmp_path, _patch(good, 8, "<Q", count)), f"tensor count {count} cannot fit")
