@@ -64,6 +64,7 @@ TERN_ACT_SILU = 1
 TERN_LM_HEAD_INT8 = 0
 TERN_LM_HEAD_F16 = 1
 TERN_KV_F16 = 0
+TERN_KV_F32 = 2
 
 
 class TernMatrix(ctypes.Structure):

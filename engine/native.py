@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 KERNEL_OPS = {"gemv_t2": 0, "gemm_t2": 1, "gemv_i8": 2, "gemm_i8": 3}
 LM_HEADS = {"int8": _native.TERN_LM_HEAD_INT8, "f16": _native.TERN_LM_HEAD_F16}
 ACTIVATIONS = {"relu2": _native.TERN_ACT_RELU2, "silu": _native.TERN_ACT_SILU}
+KV_TYPES = {"f16": _native.TERN_KV_F16, "f32": _native.TERN_KV_F32}
 
 
 def _message() -> str:
@@ -169,11 +170,13 @@ class NativeModel:
 class NativeSession:
     """A tern_session: KV cache of n_ctx positions, scratch and a thread pool."""
 
-    def __init__(self, model: NativeModel, n_ctx: int, threads: int = 1):
+    def __init__(self, model: NativeModel, n_ctx: int, threads: int = 1, kv_type: str = "f16"):
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         self.model = model
         self.n_ctx = n_ctx
         handle = ctypes.c_void_p()
-        _check(_native.lib().tern_session_create(model.handle, n_ctx, _native.TERN_KV_F16, threads,
+        _check(_native.lib().tern_session_create(model.handle, n_ctx, KV_TYPES[kv_type], threads,
                                                  ctypes.byref(handle)))
         self._handle = handle
 
@@ -253,12 +256,13 @@ def default_threads() -> int:
 
 class NativeDecoder:
     """Decoder protocol (docs/ENGINE-API.md) over the C library. Owns `model` (a BitNetModel
-    from engine.model.load_model) and closes it in close()."""
+    from engine.model.load_model) and closes it in close(). lm_head='f16' and kv_type='f32'
+    give the reference's precision (the parity tests); the defaults halve the bytes read."""
 
     backend_name = "native"
 
     def __init__(self, model, n_ctx: int = 4096, threads: int | None = None, lm_head: str = "int8",
-                 device: str = "cpu"):
+                 device: str = "cpu", kv_type: str = "f16"):
         if device != "cpu":
             from engine.backends import BackendUnavailableError
             raise BackendUnavailableError(device, "the native library here is built for the CPU only")
@@ -270,7 +274,7 @@ class NativeDecoder:
         self.kernel = kernel_name()
         self._native_model = NativeModel(model, lm_head)
         try:
-            self._session = NativeSession(self._native_model, n_ctx, self.threads)
+            self._session = NativeSession(self._native_model, n_ctx, self.threads, kv_type)
         except BaseException:
             self._native_model.close()
             raise

@@ -76,12 +76,44 @@ static void qkv_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t p
             if (kind != 2)
                 tern_rope_head(out, (int32_t)hd, s->rope_cos + t * half, s->rope_sin + t * half);
             if (kind != 0) {
-                uint16_t *cache = kind == 1 ? s->k_cache : s->v_cache;
-                uint16_t *dst = cache + ((int64_t)layer * s->n_ctx + j->first + t) * s->kv_dim + r0;
-                for (int64_t i = 0; i < hd; i++)
-                    dst[i] = tern_f32_to_f16(out[i]);
+                const int64_t at = ((int64_t)layer * s->n_ctx + j->first + t) * s->kv_dim + r0;
+                void *cache = kind == 1 ? s->k_cache : s->v_cache;
+                if (s->kv_type == TERN_KV_F32) {
+                    memcpy((float *)cache + at, out, (size_t)hd * sizeof(float));
+                } else {
+                    uint16_t *dst = (uint16_t *)cache + at;
+                    for (int64_t i = 0; i < hd; i++)
+                        dst[i] = tern_f32_to_f16(out[i]);
+                }
             }
         }
+    }
+}
+
+static float dot_f32(const float *a, const float *b, int64_t n)
+{
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        acc += a[i] * b[i];
+    return acc;
+}
+
+/* scores . K or probs . V over one cached row, in the session's KV type */
+static float kv_dot(const tern_session *s, const void *cache, int64_t at, const float *q, int64_t n)
+{
+    if (s->kv_type == TERN_KV_F32)
+        return dot_f32((const float *)cache + at, q, n);
+    return s->m->kern->dot_f16((const uint16_t *)cache + at, q, n);
+}
+
+static void kv_axpy(const tern_session *s, float *y, float a, const void *cache, int64_t at, int64_t n)
+{
+    if (s->kv_type == TERN_KV_F32) {
+        const float *x = (const float *)cache + at;
+        for (int64_t i = 0; i < n; i++)
+            y[i] += a * x[i];
+    } else {
+        s->m->kern->axpy_f16(y, a, (const uint16_t *)cache + at, n);
     }
 }
 
@@ -89,7 +121,6 @@ static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32
 {
     const tern_session *s = j->s;
     const tern_model *m = s->m;
-    const tern_kernels *k = m->kern;
     const int64_t hd = m->head_dim, g = h / (m->n_head / m->n_head_kv);
     const int32_t npos = j->first + t + 1;
     const float scale = (float)(1.0 / sqrt((double)hd));
@@ -97,19 +128,17 @@ static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32
     const int64_t base = (int64_t)layer * s->n_ctx * s->kv_dim + g * hd;
     float mx = -INFINITY;
     for (int32_t p = 0; p < npos; p++) {
-        const float sc = k->dot_f16(s->k_cache + base + p * s->kv_dim, q, hd) * scale;
+        const float sc = kv_dot(s, s->k_cache, base + p * s->kv_dim, q, hd) * scale;
         ts->scores[p] = sc;
         mx = sc > mx ? sc : mx;
     }
-    float sum = 0.0f;
-    for (int32_t p = 0; p < npos; p++) {
+    for (int32_t p = 0; p < npos; p++)
         ts->scores[p] = expf(ts->scores[p] - mx);
-        sum += ts->scores[p];
-    }
+    const float sum = tern_sum(ts->scores, npos);
     float *out = s->att + t * m->n_embd + h * hd;
     memset(out, 0, (size_t)hd * sizeof(float));
     for (int32_t p = 0; p < npos; p++)
-        k->axpy_f16(out, ts->scores[p] / sum, s->v_cache + base + p * s->kv_dim, hd);
+        kv_axpy(s, out, ts->scores[p] / sum, s->v_cache, base + p * s->kv_dim, hd);
 }
 
 static void attention_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)

@@ -47,7 +47,7 @@ int64_t tern_embd_row_bytes(int32_t type, int64_t n);
 /* Dequantize one row of an embedding-type matrix into n floats. */
 void tern_dequant_row(int32_t type, const uint8_t *src, int64_t n, float *dst);
 
-/* Bytes a ternary source tensor of rows x cols occupies (what the repacker reads), or -1. */
+/* Bytes a ternary source tensor of rows x cols must have (I2_S: codes and its f32 scale), or -1. */
 int64_t tern_ternary_src_bytes(int32_t type, int64_t rows, int64_t cols);
 
 /* Fill m from the source tensor (already size-checked). Returns a TERN_* status. */

@@ -2,12 +2,42 @@
 
 #include <math.h>
 
+/* numpy's float32 pairwise summation (8 interleaved partial sums per block of <= 128, halves
+ * split at a multiple of 8), so that norms round exactly as the reference's np.mean does. */
+static float pairwise(const float *a, int64_t n)
+{
+    if (n < 8) {
+        float r = 0.0f;
+        for (int64_t i = 0; i < n; i++)
+            r += a[i];
+        return r;
+    }
+    if (n <= 128) {
+        float r[8];
+        for (int j = 0; j < 8; j++)
+            r[j] = a[j];
+        int64_t i = 8;
+        for (; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++)
+                r[j] += a[i + j];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise(a, n2) + pairwise(a + n2, n - n2);
+}
+
+float tern_sum(const float *a, int64_t n) { return 0.0f + pairwise(a, n); }
+
 void tern_rms_norm(const float *x, const float *w, int64_t n, float eps, float *y)
 {
-    float sum = 0.0f;
+    /* y holds the squares first */
     for (int64_t i = 0; i < n; i++)
-        sum += x[i] * x[i];
-    const float r = sqrtf(sum / (float)n + eps);
+        y[i] = x[i] * x[i];
+    const float r = sqrtf(tern_sum(y, n) / (float)n + eps);
     for (int64_t i = 0; i < n; i++)
         y[i] = x[i] / r * w[i];
 }

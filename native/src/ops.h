@@ -4,8 +4,11 @@
 
 #include <stdint.h>
 
-/* y = x / sqrt(mean(x^2) + eps) * w (float32 throughout). y may equal x. */
+/* y = x / sqrt(mean(x^2) + eps) * w (float32 throughout; y is scratch first: y != x). */
 void tern_rms_norm(const float *x, const float *w, int64_t n, float eps, float *y);
+
+/* Sum in numpy's pairwise order (np.sum / np.mean of float32 rows). */
+float tern_sum(const float *a, int64_t n);
 
 /* Per-token absmax int8: s = 127 / max(max|x|, 1e-5), q = clamp(rint(x * s), -128, 127).
  * Returns s. Rounds half to even under the default rounding mode (nearbyintf). */

@@ -17,7 +17,7 @@ int64_t tern_ternary_src_bytes(int32_t type, int64_t rows, int64_t cols)
 {
     const int64_t n = rows * cols; /* callers bound rows, cols <= 2^31 */
     switch (type) {
-    case TERN_TYPE_I2_S: return cols % TERN_T2_BLOCK ? -1 : n / 4;
+    case TERN_TYPE_I2_S: return cols % TERN_T2_BLOCK ? -1 : n / 4 + 4; /* codes + f32 scale */
     case TERN_TYPE_TQ2_0: return cols % QK_K ? -1 : n / QK_K * TQ2_BLOCK_BYTES;
     case TERN_TYPE_TQ1_0: return cols % QK_K ? -1 : n / QK_K * TQ1_BLOCK_BYTES;
     case TERN_TYPE_F32: return cols % TERN_T2_BLOCK ? -1 : 4 * n;

@@ -73,8 +73,8 @@ static int32_t alloc_shared(tern_session *s)
     const size_t T = TERN_CHUNK;
     const size_t kv = (size_t)m->n_layer * (size_t)s->n_ctx * (size_t)s->kv_dim;
     uint64_t total = 0;
-    s->k_cache = zalloc(kv * sizeof(uint16_t), &total);
-    s->v_cache = zalloc(kv * sizeof(uint16_t), &total);
+    s->k_cache = zalloc(kv * s->kv_elem, &total);
+    s->v_cache = zalloc(kv * s->kv_elem, &total);
     s->x = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
     s->qkv = zalloc(T * (size_t)s->qkv_dim * sizeof(float), &total);
     s->att = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
@@ -98,14 +98,15 @@ int32_t tern_session_create(tern_model *m, int32_t n_ctx, int32_t kv_type, int32
     *out = NULL;
     if (n_ctx < 1 || n_ctx > (1 << 24))
         return tern_fail(TERN_ERR_INVALID, "n_ctx %d out of range", n_ctx);
-    if (kv_type != TERN_KV_F16)
-        return tern_fail(TERN_ERR_UNSUPPORTED, "KV cache type %d is not implemented (f16 only)", kv_type);
+    if (kv_type != TERN_KV_F16 && kv_type != TERN_KV_F32)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "KV cache type %d is not implemented (f16, f32)", kv_type);
     tern_session *s = calloc(1, sizeof *s);
     if (!s)
         return tern_fail(TERN_ERR_NOMEM, "out of memory");
     s->m = m;
     s->n_ctx = n_ctx;
     s->kv_type = kv_type;
+    s->kv_elem = kv_type == TERN_KV_F32 ? sizeof(float) : sizeof(uint16_t);
     s->kv_dim = (int64_t)m->n_head_kv * m->head_dim;
     s->qkv_dim = m->n_embd + 2 * s->kv_dim;
     s->width = m->n_embd > m->n_ff ? m->n_embd : m->n_ff;
@@ -153,12 +154,12 @@ int32_t tern_session_copy(tern_session *dst, const tern_session *src)
     if (src->n_past > dst->n_ctx)
         return tern_fail(TERN_ERR_CONTEXT, "tern_session_copy: %d positions do not fit a context of %d",
                          src->n_past, dst->n_ctx);
-    const size_t row = (size_t)src->kv_dim * (size_t)src->n_past * sizeof(uint16_t);
+    const size_t bytes = (size_t)src->kv_dim * (size_t)src->n_past * src->kv_elem;
     for (int32_t l = 0; l < src->m->n_layer; l++) {
-        const size_t so = (size_t)l * (size_t)src->n_ctx * (size_t)src->kv_dim;
-        const size_t d0 = (size_t)l * (size_t)dst->n_ctx * (size_t)dst->kv_dim;
-        memcpy(dst->k_cache + d0, src->k_cache + so, row);
-        memcpy(dst->v_cache + d0, src->v_cache + so, row);
+        const size_t so = (size_t)l * (size_t)src->n_ctx * (size_t)src->kv_dim * src->kv_elem;
+        const size_t d0 = (size_t)l * (size_t)dst->n_ctx * (size_t)dst->kv_dim * dst->kv_elem;
+        memcpy((char *)dst->k_cache + d0, (const char *)src->k_cache + so, bytes);
+        memcpy((char *)dst->v_cache + d0, (const char *)src->v_cache + so, bytes);
     }
     dst->n_past = src->n_past;
     return TERN_OK;
