@@ -64,7 +64,8 @@ class GenerationStats:
 class GenerationEvent:
     kind: str                     # 'truncated' (first, if any) | 'token' | 'done' (last)
     text: str = ""                # 'token': the text this token completes (an incomplete UTF-8
-                                  # character is held back); 'done': any held-back tail, usually ''
+                                  # character is held back; a last event with token_id None
+                                  # may carry the tail of a reply that ended mid-character)
     token_id: int | None = None
     stats: GenerationStats | None = None   # on 'done'
     dropped_messages: int = 0     # on 'truncated': how many of the oldest messages were left out
@@ -230,13 +231,13 @@ class ChatSession:
         stats = GenerationStats(prompt_tokens=len(prompt), dropped_messages=dropped)
         try:
             logits = self._prefill(prompt, stats, cancel)
-            tail = yield from self._decode_loop(logits, params, min(max_tokens, self.n_ctx - len(prompt)),
-                                                max_tokens, cancel, stats)
+            yield from self._decode_loop(logits, params, min(max_tokens, self.n_ctx - len(prompt)),
+                                         max_tokens, cancel, stats)
         except BaseException:
             self._resync()
             raise
         # Outside the try: a consumer that stops reading after 'done' leaves nothing to undo.
-        yield GenerationEvent("done", tail, None, stats)
+        yield GenerationEvent("done", "", None, stats)
 
     def _prefill(self, prompt: list[int], stats: GenerationStats, cancel: threading.Event | None):
         """Run the part of the prompt that is not cached yet; returns the last position's
@@ -265,7 +266,7 @@ class ChatSession:
 
     def _decode_loop(self, logits, params: SamplerParams, budget: int, max_tokens: int,
                      cancel: threading.Event | None, stats: GenerationStats):
-        """Yields the 'token' events, fills `stats`, returns the held-back text tail."""
+        """Yields the 'token' events and fills `stats`."""
         sampler = Sampler(params)
         detok = self.tokenizer.detokenizer(skip_special=True)
         stop_ids = self.tokenizer.eos_ids
@@ -302,12 +303,13 @@ class ChatSession:
         else:
             stats.stop_reason = "cancelled"      # during the prefill
         tail = detok.flush()
-        text.append(tail)
+        if tail:
+            text.append(tail)
+            yield GenerationEvent("token", tail, None)
         stats.decode_s = busy
         stats.decode_tps = steps / busy if steps and busy > 0 else 0.0
         stats.generated, stats.ids, stats.text = len(reply), reply, "".join(text)
         self._remember_reply(stats.text, reply)
-        return tail
 
     def _feed(self, ids: list[int]):
         logits = self.decoder.forward(ids)

@@ -192,11 +192,25 @@ def test_abandoned_generator_leaves_a_consistent_cache(session):
 
 def test_text_deltas_are_utf8_safe(session):
     events, stats = run(session, [Message("user", "Hello")], max_tokens=300)
-    streamed = "".join(e.text for e in events if e.kind in ("token", "done"))
+    token_events = [e for e in events if e.kind == "token"]
+    streamed = "".join(e.text for e in token_events)
     assert streamed == stats.text == session.tokenizer.decode(stats.ids, skip_special=True)
     # a valid multi-byte character was split across tokens and still came out whole
     assert any(ord(c) > 127 and c != "\ufffd" for c in streamed)
-    assert all(e.token_id is not None for e in events if e.kind == "token")
+    # one event per reply token, plus at most a final tail event without a token
+    assert [e.token_id for e in token_events if e.token_id is not None] == stats.ids
+    assert all(e.token_id is not None for e in token_events[:-1])
+
+
+def test_reply_cut_mid_character_ends_with_a_tail_event(session):
+    _, full = run(session, [Message("user", "Hello")], max_tokens=300)
+    # the first place where the reply could stop on a UTF-8 lead byte
+    cut = next(n for n, t in enumerate(full.ids, 1) if 0xC2 <= t <= 0xF4)
+    session.reset()
+    events, stats = run(session, [Message("user", "Hello")], max_tokens=cut)
+    tail = events[-2]
+    assert tail.kind == "token" and tail.token_id is None and tail.text.endswith("\ufffd")
+    assert stats.ids == full.ids[:cut] and stats.text.endswith("\ufffd")
 
 
 def test_same_seed_same_reply(session):
