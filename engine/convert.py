@@ -33,7 +33,7 @@ import numpy as np
 
 from engine import quants
 from engine.errors import ModelFormatError, UnsupportedModelError
-from engine.gguf_file import F32, I2_S, TQ1_0, ValueType, tensor_nbytes
+from engine.gguf_file import F16, F32, I2_S, TQ1_0, ValueType, tensor_nbytes
 from engine.gguf_write import Typed, WriterTensor, write_gguf
 from engine.testmodel import EMBEDDING_FORMATS, FILE_TYPES, FORMATS, _upstream_tokenizer_metadata
 from engine.tokenizer import gguf_metadata_from_hf_tokenizer
@@ -53,6 +53,7 @@ NORM_NAMES = {
 }
 ROW_MULTIPLE = {"i2_s": quants.I2S_BLOCK, "tq1_0": quants.QK_K, "tq2_0": quants.QK_K}
 _MAX_HEADER = 100 * 2**20
+_F16_MAX = 65504.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class SafetensorsDir:
                 header = json.loads(fh.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ModelFormatError(path, f"bad safetensors header: {exc}") from None
-            self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         if not isinstance(header, dict):
             raise ModelFormatError(path, "bad safetensors header: not an object")
         base = 8 + n
@@ -218,8 +219,10 @@ class SafetensorsDir:
 
     def close(self) -> None:
         for m in self._maps.values():
-            if m is not None:
+            try:
                 m.close()
+            except BufferError:
+                pass    # an array still views it (e.g. in a traceback); it closes when that goes
         self._maps.clear()
 
 
@@ -311,6 +314,9 @@ def _float_tensor(st, hf: str, gguf: str, shape: tuple[int, ...], ggml_type: int
         values = st.float32(hf)
         if not np.all(np.isfinite(values)):
             raise ModelFormatError(st.tensors[hf].file, "non-finite values", tensor=hf)
+        if ggml_type == F16 and np.abs(values).max(initial=0) > _F16_MAX:
+            raise UnsupportedModelError(st.tensors[hf].file, "values beyond the f16 range; choose "
+                                        "--embedding-type bf16 or f32", tensor=hf)
         yield quants.quantize(values, ggml_type)
     return WriterTensor(gguf, tuple(reversed(shape)), ggml_type, chunks)
 

@@ -193,10 +193,8 @@ class ReferenceDecoder:
         self._act = ACTIVATIONS[hp.activation]
         self._layers = [_copy_layer(lw) for lw in model.layers]
         self._output_norm = np.array(model.output_norm, dtype=np.float32)
-        all_ids = np.arange(hp.n_vocab)
-        self._embd = np.array(model.token_embd.rows(all_ids), dtype=np.float32)   # (n_vocab, n_embd)
-        head = model.output if model.output is not None else model.token_embd
-        self._head = self._embd if head is model.token_embd else np.array(head.rows(all_ids), dtype=np.float32)
+        self._embd = np.array(model.token_embd.dequantize(), dtype=np.float32)   # (n_vocab, n_embd)
+        self._head = self._embd if model.output is None else np.array(model.output.dequantize(), dtype=np.float32)
         cache_shape = (hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim)
         self._k_cache = np.zeros(cache_shape, dtype=np.float32)
         self._v_cache = np.zeros(cache_shape, dtype=np.float32)
@@ -229,7 +227,7 @@ class ReferenceDecoder:
         return np.stack([self._lm_head(row) for row in x])
 
     def _lm_head(self, x: np.ndarray) -> np.ndarray:
-        """One row at a time (a matrix-vector product), so logits do not depend on batching."""
+        """One token at a time (a matrix-vector product), so logits do not depend on batching."""
         return np.matmul(self._head, x).astype(np.float32)
 
     def truncate(self, n: int) -> None:
