@@ -3,9 +3,10 @@
 BitNet files always get the format BitNet b1.58 2B4T was trained with (the chat template in the
 model repository's tokenizer_config.json):
 
-    <|begin_of_text|>System: {system}<|eot_id|>User: {msg}<|eot_id|>Assistant: {reply}<|eot_id|>...Assistant: 
+    <|begin_of_text|>System: {system}<|eot_id|>User: {msg}<|eot_id|>Assistant: {reply}<|eot_id|>...
 
-Content is trimmed (the template's `| trim`); the generation prompt keeps its trailing space.
+and the generation prompt `Assistant: ` with its trailing space. Content is trimmed (the
+template's `| trim`).
 bitnet.cpp's converter writes a placeholder template into these files (`Human: ...
 BITNETAssistant:`) and its built-in rendering drops the `<|eot_id|>` after the system prompt and
 the replies; both are ignored here.
@@ -508,7 +509,11 @@ def chat_format_for(metadata: dict, tokenizer: Tokenizer) -> ChatFormat:
     placeholder); other files use their own template, or the 2B4T-style role format without one."""
     arch = metadata.get("general.architecture")
     template = metadata.get("tokenizer.chat_template")
-    if arch in BITNET_ARCHS or not isinstance(template, str) or not template.strip():
+    if arch in BITNET_ARCHS:
+        log.info("architecture %s: 2B4T chat format (the file's own template is not used)", arch)
+        return BitNetChatFormat(tokenizer)
+    if not isinstance(template, str) or not template.strip():
+        log.warning("%s file without a chat template: using the 2B4T-style role format", arch)
         return BitNetChatFormat(tokenizer)
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", getattr(tokenizer, "add_bos", False)))
     return TemplateChatFormat(tokenizer, template, add_bos=add_bos)

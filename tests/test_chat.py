@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 import pytest
