@@ -21,6 +21,7 @@ import random
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -169,23 +170,24 @@ def download_file(remote: RemoteFile, dest: Path, *, token: str | None = None,
     policy = policy or RetryPolicy()
     control = control or DownloadControl()
     part = part_path(dest)
-    _forget_foreign_part(part, remote)
-    have = _size(part)
+    have = _size(part) if _is_part_of(part, remote) else 0
     needed = remote.size - have + HEADROOM
     free = free_space(dest.parent if dest.parent.exists() else _existing_parent(dest))
     if free < needed:
         raise DiskSpaceError(f"not enough free disk space for {remote.path}: {_gib(needed)} needed, "
                              f"{_gib(free)} free in {dest.parent}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_sidecar(part, remote)
-    meter = _Meter(remote.size, progress)
-    timeout = httpx2.Timeout(policy.stall_timeout_s, connect=policy.connect_timeout_s)
-    with httpx2.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client:
-        _transfer(client, remote, part, auth_headers(token), bool(token), meter, control, policy)
-    _verify(part, remote, meter, control)
-    os.replace(part, dest)
-    _fsync_dir(dest.parent)
-    _sidecar(part).unlink(missing_ok=True)
+    with _exclusive(part, remote):
+        _forget_foreign_part(part, remote)
+        _write_sidecar(part, remote)
+        meter = _Meter(remote.size, progress)
+        timeout = httpx2.Timeout(policy.stall_timeout_s, connect=policy.connect_timeout_s)
+        with httpx2.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client:
+            _transfer(client, remote, part, auth_headers(token), bool(token), meter, control, policy)
+        _verify(part, remote, meter, control)
+        os.replace(part, dest)
+        _fsync_dir(dest.parent)
+        _sidecar(part).unlink(missing_ok=True)
     meter.update("done", remote.size, force=True)
     log.info("download: %s/%s verified and in place (%d bytes)", remote.repo, remote.path, remote.size)
     return dest
@@ -365,20 +367,65 @@ def _write_sidecar(part: Path, remote: RemoteFile) -> None:
     os.replace(tmp, side)
 
 
-def _forget_foreign_part(part: Path, remote: RemoteFile) -> None:
-    """A partial file is resumed only if its sidecar says it is a part of this very file."""
-    if not part.exists():
-        _sidecar(part).unlink(missing_ok=True)
-        return
+def _is_part_of(part: Path, remote: RemoteFile) -> bool:
+    """True if the sidecar says `part` is a prefix of this very file (same size and hashes)."""
     try:
         known = json.loads(_sidecar(part).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        known = None
-    same = known == _identity(remote) and part.stat().st_size <= remote.size
-    if not same:
+        return False
+    return known == _identity(remote) and _size(part) <= remote.size
+
+
+def _forget_foreign_part(part: Path, remote: RemoteFile) -> None:
+    """A partial file is resumed only if it is a part of this very file; anything else goes."""
+    if part.exists() and not _is_part_of(part, remote):
         log.warning("download: %s is not a part of %s at this revision; starting again", part, remote.path)
         part.unlink()
+    if not part.exists():
         _sidecar(part).unlink(missing_ok=True)
+
+
+# ---- one writer per partial file ---------------------------------------------------------------
+
+@contextmanager
+def _exclusive(part: Path, remote: RemoteFile):
+    """Hold an OS lock on `<name>.part.lock` so that two Tern processes (the app and the CLI)
+    never append to the same partial file. The OS drops the lock if the process dies."""
+    lock_path = part.with_name(part.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _lock_fd(fd)
+        except OSError:
+            raise DownloadError(f"{remote.path} is being downloaded by another Tern window or command; "
+                                f"wait for it to finish or close it") from None
+        try:
+            yield
+        finally:
+            _unlock_fd(fd)
+    finally:
+        os.close(fd)
+        if not part.exists():
+            lock_path.unlink(missing_ok=True)
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _lock_fd(fd: int) -> None:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+    def _unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # ---- small helpers ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import httpx2  # noqa: E402 - the HTTP client huggingface_hub 2.x is built on
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url  # noqa: E402
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     EntryNotFoundError,
     GatedRepoError,
@@ -28,6 +28,9 @@ from huggingface_hub.errors import (  # noqa: E402
 from engine.errors import AuthError, DownloadError  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# In case something imported huggingface_hub before us (it reads the variable at import only).
+constants.HF_HUB_DISABLE_TELEMETRY = True
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 METADATA_TIMEOUT_S = 20.0

@@ -8,6 +8,9 @@ It implements the endpoints Tern's client uses:
 Gated repositories answer 401 (X-Error-Code: GatedRepo) on resolve without a valid Bearer token.
 Tokens are configured as SHA-256 digests so no token is ever written to a file by the server.
 
+With `cdn_url` set, resolves of LFS files answer 302 to `<cdn_url>/cdn/<sha256>` (another
+HubServer holding the same repos), as the real hub redirects to its CDN.
+
 Faults the tests can ask for (attributes of `HubState`, changeable while serving): throttle the
 body rate, cut the connection after N body bytes, stall (send nothing, keep the connection) after
 N body bytes, serve corrupted bytes, answer a status code for the next N resolve GETs. Every request is recorded (method, path, Range header, auth outcome),
@@ -68,6 +71,7 @@ class HubState:
     stall_after: int | None = None           # stop sending (connection left open) after N body bytes …
     stall_s: float = 0.0                     # … for this long …
     stalls_left: int = 0                     # … in this many GET responses
+    cdn_url: str | None = None               # redirect LFS resolves there (another HubServer), as the hub does
     fail_status: int | None = None           # answer this status on resolve GET …
     fails_left: int = 0                      # … this many times
     log_path: Path | None = None
@@ -134,7 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(parts.path)
         state.record({"method": self.command, "path": path, "range": self.headers.get("Range"),
                       "auth": self._auth_outcome(), "time": time.time()})
-        if path.startswith("/api/models/"):
+        if path.startswith("/cdn/"):
+            self._cdn(path[len("/cdn/"):], head)
+        elif path.startswith("/api/models/"):
             self._api(path[len("/api/models/"):], parse_qs(parts.query), head)
         elif "/resolve/" in path:
             self._resolve(path.lstrip("/"), head)
@@ -222,6 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
         if repo.gated and auth != "valid":
             return self._error(401, "GatedRepo", f"Access to model {repo.repo_id} is restricted. "
                                "You must have access to it and be authenticated to access it. Please log in.")
+        if self.server.state.cdn_url and repo.is_lfs(path):
+            return self._redirect_to_cdn(repo, path)
         data = repo.files[path]
         if f"{repo.repo_id}/{path}" in self.server.state.corrupt:
             flipped = bytearray(data)
@@ -232,6 +240,30 @@ class _Handler(BaseHTTPRequestHandler):
             if status is not None:
                 return self._error(status, None, "try again later")
         self._send_file(repo, path, data, head)
+
+    def _redirect_to_cdn(self, repo: HubRepo, path: str) -> None:
+        data = repo.files[path]
+        sha = hashlib.sha256(data).hexdigest()
+        self.send_response(302)
+        self.send_header("Location", f"{self.server.state.cdn_url}/cdn/{sha}?X-Amz-Signature=test")
+        self.send_header("X-Repo-Commit", repo.commit)
+        self.send_header("X-Linked-Etag", f'"{sha}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("ETag", f'"{git_blob_oid(data)}"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _cdn(self, sha: str, head: bool) -> None:
+        """Content-addressed blobs, like the hub's CDN: no auth, Range support."""
+        for repo in self.server.state.repos.values():
+            for path, data in repo.files.items():
+                if repo.is_lfs(path) and hashlib.sha256(data).hexdigest() == sha:
+                    if f"{repo.repo_id}/{path}" in self.server.state.corrupt:
+                        flipped = bytearray(data)
+                        flipped[len(flipped) // 2] ^= 0xFF
+                        data = bytes(flipped)
+                    return self._send_file(repo, path, data, head)
+        self._error(404, None, "no such blob")
 
     def _send_file(self, repo: HubRepo, path: str, data: bytes, head: bool) -> None:
         size = len(data)

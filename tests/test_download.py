@@ -342,3 +342,43 @@ def test_cli_ctrl_c_and_kill_leave_a_part_that_the_next_run_resumes(server, stat
     assert part.with_name("model.gguf").read_bytes() == data
     assert not part.exists()
     assert "I2_S" in err                                     # it is in the library now
+
+
+def test_two_writers_never_share_a_partial_file(server, state, tmp_path):
+    state.throttle_bps = 1_000_000
+    dest = tmp_path / "model.gguf"
+    remote = hub.remote_file(REPO, "model.gguf")
+    control = DownloadControl()
+    worker = threading.Thread(target=lambda: download_file(remote, dest, control=control, policy=FAST))
+    worker.start()
+    try:
+        assert wait_for(lambda: file_size(part_path(dest)) > 100_000)
+        with pytest.raises(DownloadError, match="being downloaded by another Tern"):
+            download_file(remote, dest, policy=FAST)
+        assert state.ranges("model.gguf") == ["bytes=0-"]          # the second one sent nothing
+    finally:
+        state.throttle_bps = None
+        worker.join(20)
+    assert dest.read_bytes() == state.repos[REPO].files["model.gguf"]
+    assert sorted(os.listdir(tmp_path)) == ["model.gguf"]         # lock file gone too
+
+
+def test_redirect_to_a_cdn_keeps_the_token_home(state, monkeypatch, tmp_path):
+    """The hub answers LFS resolves with 302 to a CDN on another origin: the download follows
+    it, resumes there with Range, and the Authorization header is not sent to the CDN."""
+    token = "hf_CdnTestTokenXXXXXXXXXXXXXXXXXXXX"
+    cdn_state = HubState()
+    cdn_state.add_repo(REPO, state.repos[REPO].files)
+    cdn_state.cut_after, cdn_state.cuts_left = 1_000_000, 1
+    with HubServer(cdn_state) as cdn, HubServer(state) as srv:
+        state.cdn_url = cdn.url
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        remote = hub.remote_file(REPO, "model.gguf", token=token)
+        assert remote.size == 3_000_000 and remote.sha256
+        dest = download_file(remote, tmp_path / "model.gguf", token=token, policy=FAST)
+    assert dest.read_bytes() == state.repos[REPO].files["model.gguf"]
+    hub_gets = [r for r in state.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
+    assert hub_gets and all(r["auth"] == "invalid" for r in hub_gets)   # sent to the hub (unknown there)
+    cdn_gets = [r for r in cdn_state.requests if r["method"] == "GET"]
+    assert len(cdn_gets) == 2 and all(r["auth"] == "none" for r in cdn_gets)
+    assert cdn_gets[1]["range"] != "bytes=0-"
