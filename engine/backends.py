@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "native", "cuda", "llama.cpp")
 LM_HEADS = ("int8", "f16")
+DEFAULT_CONTEXT = 4096
 
 
 class BackendUnavailableError(TernError):
@@ -42,7 +43,7 @@ class OpenedModel:
     tokenizer_metadata: dict | None  # `tokenizer.*` keys, for BitNet files (Tern builds the tokenizer)
 
 
-def open_decoder(model_path, backend: str = "auto", n_ctx: int = 4096, threads: int | None = None,
+def open_decoder(model_path, backend: str = "auto", n_ctx: int | None = DEFAULT_CONTEXT, threads: int | None = None,
                  lm_head: str = "int8"):
     """Open a decoder (docs/ENGINE-API.md, "Decoders") for the GGUF at `model_path`.
 
@@ -53,15 +54,17 @@ def open_decoder(model_path, backend: str = "auto", n_ctx: int = 4096, threads: 
     return open_model(model_path, backend, n_ctx, threads, lm_head).decoder
 
 
-def open_model(model_path, backend: str = "auto", n_ctx: int = 4096, threads: int | None = None,
+def open_model(model_path, backend: str = "auto", n_ctx: int | None = DEFAULT_CONTEXT, threads: int | None = None,
                lm_head: str = "int8") -> OpenedModel:
     """open_decoder, also returning what the header said and the tokenizer metadata, so that a
-    chat session does not parse the file again."""
+    chat session does not parse the file again. n_ctx None: default_context(info)."""
     _check_settings(backend, n_ctx, threads, lm_head)
     path = Path(model_path)
     from engine.model import inspect_gguf
     info = inspect_gguf(path)
     chosen = resolve_backend(path, info, backend)
+    if n_ctx is None:
+        n_ctx = default_context(info)
     if chosen == "llama.cpp":
         return OpenedModel(_open_llama_cpp(path, n_ctx, threads), info, None)
     from engine.model import load_model
@@ -75,6 +78,12 @@ def open_model(model_path, backend: str = "auto", n_ctx: int = 4096, threads: in
     if decoder.backend_name == "reference":
         model.close()       # the reference decoder copied what it needs; the native one owns the model
     return OpenedModel(decoder, info, tokenizer_metadata)
+
+
+def default_context(info) -> int:
+    """The context a session gets when none is asked for: the model's training context,
+    at most DEFAULT_CONTEXT (longer ones cost KV-cache memory few chats need)."""
+    return min(DEFAULT_CONTEXT, info.context_length or DEFAULT_CONTEXT)
 
 
 def resolve_backend(path: Path, info, backend: str) -> str:
@@ -111,7 +120,7 @@ def _check_settings(backend: str, n_ctx: int, threads: int | None, lm_head: str)
         raise BackendArgumentError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if lm_head not in LM_HEADS:
         raise BackendArgumentError(f"unknown LM head '{lm_head}' (choose from {', '.join(LM_HEADS)})")
-    if not isinstance(n_ctx, int) or n_ctx < 1:
+    if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx < 1):
         raise BackendArgumentError(f"context length must be a positive integer, got {n_ctx!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise BackendArgumentError(f"threads must be a positive integer, got {threads!r}")

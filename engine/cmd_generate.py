@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 # Arguments shared with `score` and `chat`
 # ---------------------------------------------------------------------------------------------
 
-def add_backend_arguments(parser: argparse.ArgumentParser, ctx_default: int | None = 4096) -> None:
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="decoder: auto (native if built, else reference, for BitNet files; "
                              "llama.cpp for other GGUFs), reference (numpy), native, cuda, llama.cpp")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--ctx", type=int, default=ctx_default, help="context length (KV cache) in tokens")
+    parser.add_argument("--ctx", type=int, default=None,
+                        help="context length (KV cache) in tokens (default: the model's, at most 4096)")
     parser.add_argument("--lm-head", choices=LM_HEADS, default="int8",
                         help="LM head precision of the native backend (f16 is the exact path)")
 

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     seq.add_argument("--ids", type=parse_ids, help="token ids, comma-separated")
     seq.add_argument("--text", help="text to score (BOS + its tokens)")
     p.add_argument("--top", type=int, default=5, help="how many best next tokens to list per position")
-    add_backend_arguments(p, ctx_default=None)
+    add_backend_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
     p.set_defaults(func=run)
 

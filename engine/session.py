@@ -371,7 +371,7 @@ def _without_system(messages: Sequence) -> list:
     return [m for m in messages if _role_content(m)[0] != "system"]
 
 
-def open_chat(model_path, backend: str = "auto", n_ctx: int = 4096, threads: int | None = None,
+def open_chat(model_path, backend: str = "auto", n_ctx: int | None = 4096, threads: int | None = None,
               lm_head: str = "int8") -> ChatSession:
     """Open a model for chat: the decoder (engine.backends), the model's tokenizer and its chat
     format. BitNet files get Tern's tokenizer and the 2B4T format; other GGUFs (llama.cpp

@@ -296,6 +296,17 @@ def test_open_decoder_reference(byte_model):
         decoder.close()
 
 
+def test_default_context_is_the_models_at_most_4096(byte_model):
+    from engine.backends import available_backends
+
+    decoder = open_decoder(byte_model, backend="reference", n_ctx=None)
+    try:
+        assert decoder.n_ctx == 512                       # the tiny shape's training context
+    finally:
+        decoder.close()
+    assert available_backends()["reference"] is None
+
+
 @pytest.mark.parametrize("kwargs", [dict(backend="gpu"), dict(lm_head="q4"), dict(n_ctx=0), dict(threads=0)])
 def test_bad_backend_settings(byte_model, kwargs):
     with pytest.raises(BackendArgumentError):
