@@ -54,6 +54,7 @@ NORM_NAMES = {
 ROW_MULTIPLE = {"i2_s": quants.I2S_BLOCK, "tq1_0": quants.QK_K, "tq2_0": quants.QK_K}
 _MAX_HEADER = 100 * 2**20
 _F16_MAX = 65504.0
+_CHUNK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +204,12 @@ class SafetensorsDir:
                             offset=t.begin) if t.end > t.begin else np.empty(0, _ST_DTYPES[t.dtype])
         return arr.reshape(t.shape)
 
-    def float32(self, name: str) -> np.ndarray:
+    def float32(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop (along the first axis) as float32."""
         t = self._get(name)
         if t.dtype not in ("BF16", "F16", "F32", "F64"):
             raise ModelFormatError(t.file, f"dtype {t.dtype}, expected a float type", tensor=name)
-        raw = self.raw(name)
+        raw = self.raw(name)[start:stop]
         if t.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)
@@ -306,18 +308,21 @@ def _float_matrix(st: SafetensorsDir, name: str, rows: int, cols: int) -> np.nda
 
 
 def _float_tensor(st, hf: str, gguf: str, shape: tuple[int, ...], ggml_type: int) -> WriterTensor:
-    """A norm (1-D) or embedding (2-D, HF (rows, cols) = ggml (cols, rows)); same memory order."""
+    """A norm (1-D) or embedding (2-D, HF (rows, cols) = ggml (cols, rows)); same memory order.
+    Written a few MB at a time: a 2B4T embedding is 1.3 GB as float32."""
     def chunks():
+        file = st.tensors[hf].file if hf in st.tensors else None
         if st.shape(hf) != shape:
-            raise ModelFormatError(st.tensors[hf].file, f"shape {list(st.shape(hf))}, expected {list(shape)}",
-                                   tensor=hf)
-        values = st.float32(hf)
-        if not np.all(np.isfinite(values)):
-            raise ModelFormatError(st.tensors[hf].file, "non-finite values", tensor=hf)
-        if ggml_type == F16 and np.abs(values).max(initial=0) > _F16_MAX:
-            raise UnsupportedModelError(st.tensors[hf].file, "values beyond the f16 range; choose "
-                                        "--embedding-type bf16 or f32", tensor=hf)
-        yield quants.quantize(values, ggml_type)
+            raise ModelFormatError(file, f"shape {list(st.shape(hf))}, expected {list(shape)}", tensor=hf)
+        step = max(1, _CHUNK_ELEMENTS // shape[-1]) if len(shape) == 2 else shape[0]
+        for start in range(0, shape[0], step):
+            values = st.float32(hf, start, start + step)
+            if not np.all(np.isfinite(values)):
+                raise ModelFormatError(file, "non-finite values", tensor=hf)
+            if ggml_type == F16 and np.abs(values).max(initial=0) > _F16_MAX:
+                raise UnsupportedModelError(file, "values beyond the f16 range; choose "
+                                            "--embedding-type bf16 or f32", tensor=hf)
+            yield quants.quantize(values, ggml_type)
     return WriterTensor(gguf, tuple(reversed(shape)), ggml_type, chunks)
 
 

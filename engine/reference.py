@@ -20,7 +20,7 @@ parts to rounding):
 - Activations, the residual stream, norms, attention and the KV cache are float32.
 - RMSNorm: x / sqrt(mean(x²) + eps) * w, all in float32.
 - BitLinear, per token (one row of x):
-      s   = float32(127) / max(max|x|, 1e-5)            (float32)
+      s   = float32(127 / max(max|x|, 1e-5))            (in double, then float32)
       q   = clamp(round_half_even(x * s), -128, 127)    (x * s rounded to float32 first)
       acc = q · codes                                   (exact integer sum, int32)
       y   = float32(acc) / s * scale                    (two float32 roundings, in this order)
@@ -47,8 +47,7 @@ import numpy as np
 
 from engine.errors import ContextOverflowError
 
-ACT_QMAX = np.float32(127.0)
-ACT_EPS = np.float32(1e-5)
+ACT_EPS = 1e-5          # floor of max|x| in the activation scale (a double, as in bitnet.cpp)
 
 
 # ---------------------------------------------------------------------------
@@ -63,11 +62,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-token int8 absmax quantization. x: (T, K) float32 -> q (T, K) int8, s (T, 1) float32."""
-    amax = np.max(np.abs(x), axis=-1, keepdims=True)
-    s = ACT_QMAX / np.maximum(amax, ACT_EPS)
+    amax = np.max(np.abs(x), axis=-1, keepdims=True).astype(np.float64)
+    # As bitnet.cpp's quantize_row_i8_s: 127 / max(max|x|, 1e-5) in double, rounded to float
+    # (for max|x| >= 1e-5 this equals the float32 division: double rounding is innocuous here).
+    s = (127.0 / np.maximum(amax, ACT_EPS)).astype(np.float32)
     # np.rint rounds half to even, as nearest_int() in ggml and torch.round do.
     q = np.clip(np.rint(x * s), -128, 127).astype(np.int8)
-    return q, s.astype(np.float32)
+    return q, s
 
 
 def ternary_dot(q: np.ndarray, codes: np.ndarray) -> np.ndarray:

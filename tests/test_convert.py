@@ -173,10 +173,14 @@ def test_untied_lm_head_becomes_output_weight(tmp_path):
 def test_tokenizer_metadata_from_the_checkpoint(tmp_path, llama3_tokenizer_dir):
     hf = write_hf_checkpoint(tmp_path / "tok", seed=SEED, vocab_size=128256, dims=dict(TINY, num_hidden_layers=1),
                              tokenizer_dir=llama3_tokenizer_dir)
-    with GGUFFile(convert(hf, tmp_path / "t.gguf", "i2_s")) as f:
+    out = convert(hf, tmp_path / "t.gguf", "i2_s")
+    with GGUFFile(out) as f:
         tokens = f.metadata["tokenizer.ggml.tokens"]
         assert len(tokens) == 128256 and tokens[128009] == "<|eot_id|>"
         assert "tokenizer.ggml.pre" not in f.metadata            # as bitnet.cpp's converter
+    with load_model(out) as model:                               # the embedding, written in chunks
+        embd = random_master_weights(SEED, 128256, True, dict(TINY, num_hidden_layers=1))["model.embed_tokens.weight"]
+        assert np.array_equal(model.token_embd.dequantize(), embd.astype(np.float16).astype(np.float32))
     with GGUFFile(convert(hf, tmp_path / "t2.gguf", "tq2_0")) as f:
         assert f.metadata["tokenizer.ggml.pre"] == "llama-bpe"    # as upstream's converter
     small = write_hf_checkpoint(tmp_path / "small", seed=SEED, tokenizer_dir=llama3_tokenizer_dir)
