@@ -46,7 +46,8 @@ def run(args) -> int:
 
 
 def _loop(session, system: str | None, params, max_tokens: int, interactive: bool) -> None:
-    from engine.session import Message
+    from engine.errors import ContextOverflowError
+    from engine.session import InvalidRequestError, Message
 
     messages: list[Message] = []
     while True:
@@ -62,7 +63,12 @@ def _loop(session, system: str | None, params, max_tokens: int, interactive: boo
         if not text.strip():
             continue
         messages.append(Message("user", text))
-        reply, stats = _reply(session, messages, system, params, max_tokens)
+        try:
+            reply, stats = _reply(session, messages, system, params, max_tokens)
+        except (ContextOverflowError, InvalidRequestError) as exc:
+            messages.pop()                # the conversation goes on without that message
+            _info(f"[{exc}]")
+            continue
         messages.append(Message("assistant", reply))
         if stats.dropped_messages:
             # Keep the history as the model sees it, so the next turn reuses the cache.

@@ -174,6 +174,14 @@ def test_chat_over_stdin(byte_model):
     assert f"prefilled {s1.prefilled_tokens} " in reports[2]
 
 
+def test_chat_survives_a_message_too_long_for_the_context(byte_model):
+    proc = cli("chat", "--model", byte_model, "--backend", "reference", "--temperature", 0,
+               "--max-tokens", 4, "--ctx", 64, stdin="x" * 100 + "\nHello\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "leaving no room for a reply" in proc.stderr
+    assert "[4 tokens" in proc.stderr                          # the next message was answered
+
+
 def test_chat_ctrl_c_stops_the_reply_not_the_program(tiny_model_path):
     model = tiny_model_path("i2_s", seed=1, tokenizer=True)     # a big vocabulary: a long greedy reply
     proc = subprocess.Popen([sys.executable, "-m", "engine", "chat", "--model", str(model), "--backend",
