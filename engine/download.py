@@ -262,6 +262,8 @@ def _fetch(client, remote: RemoteFile, part: Path, headers: dict, had_token: boo
         raise _Retryable("stalled: no data received in time") from None
     except httpx2.TransportError as exc:
         raise _Retryable(f"connection lost ({type(exc).__name__})") from None
+    except httpx2.HTTPError as exc:     # too many redirects, a malformed URL: retrying will not help
+        raise DownloadError(f"{remote.repo}/{remote.path}: cannot download ({type(exc).__name__})") from None
 
 
 def _check_response(resp, remote: RemoteFile, part: Path, have: int, had_token: bool) -> int:

@@ -112,6 +112,12 @@ def _hub_errors(repo: str, endpoint: str, token: str | None, what: str):
     except (httpx2.TransportError, OSError) as exc:
         raise DownloadError(f"cannot reach {endpoint} ({type(exc).__name__}); check the network "
                             f"or HF_ENDPOINT, then try again") from _detached(exc)
+    except httpx2.HTTPError as exc:
+        raise DownloadError(f"{repo}: {what}: request failed ({type(exc).__name__})") from _detached(exc)
+    except (ValueError, KeyError, TypeError) as exc:
+        # JSON that is not the hub's: a captive portal, a proxy's login page, a wrong HF_ENDPOINT.
+        raise DownloadError(f"{endpoint} did not answer like a Hugging Face hub ({type(exc).__name__}); "
+                            f"check the network or HF_ENDPOINT") from _detached(exc)
 
 
 def _detached(exc: BaseException) -> BaseException:

@@ -13,7 +13,8 @@ HubServer holding the same repos), as the real hub redirects to its CDN.
 
 Faults the tests can ask for (attributes of `HubState`, changeable while serving): throttle the
 body rate, cut the connection after N body bytes, stall (send nothing, keep the connection) after
-N body bytes, serve corrupted bytes, answer a status code for the next N resolve GETs. Every request is recorded (method, path, Range header, auth outcome),
+N body bytes, serve corrupted bytes, answer a status code for the next N resolve GETs.
+Every request is recorded (method, path, Range header, auth outcome),
 in memory and, when `log_path` is set, as JSON lines (for a server running in a subprocess).
 
 Run in a thread with `HubServer(state)`, or as a process:

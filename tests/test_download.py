@@ -214,7 +214,7 @@ def test_pause_quit_reopen_resume(server, state, tmp_path):
     control.stop()                                                       # "quit" the app
     worker.join(10)
     assert not worker.is_alive() and outcome
-    del control, worker                                                  # drop the downloader objects
+    control = worker = None                                              # drop the downloader objects
     assert 0 < paused_at < len(state.repos[REPO].files["model.gguf"])
 
     state.throttle_bps = None
@@ -382,3 +382,37 @@ def test_redirect_to_a_cdn_keeps_the_token_home(state, monkeypatch, tmp_path):
     cdn_gets = [r for r in cdn_state.requests if r["method"] == "GET"]
     assert len(cdn_gets) == 2 and all(r["auth"] == "none" for r in cdn_gets)
     assert cdn_gets[1]["range"] != "bytes=0-"
+
+
+def test_an_unreachable_or_wrong_endpoint_gives_a_clear_error(monkeypatch, tmp_path):
+    import socket
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    with socket.socket() as s:                      # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(DownloadError, match="cannot reach .* check the network or HF_ENDPOINT"):
+        hub.remote_file(REPO, "model.gguf")
+
+    class LoginPage(BaseHTTPRequestHandler):        # what a captive portal answers to everything
+        def do_GET(self):
+            body = b"<html>please log in to the hotel wifi</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    portal = HTTPServer(("127.0.0.1", 0), LoginPage)
+    threading.Thread(target=portal.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{portal.server_address[1]}")
+        with pytest.raises(DownloadError, match="did not answer like a Hugging Face hub"):
+            hub.remote_file(REPO, "model.gguf")
+    finally:
+        portal.shutdown()
+        portal.server_close()
