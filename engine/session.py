@@ -22,15 +22,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from engine.chat import BitNetChatFormat
-from engine.errors import ContextOverflowError, TernError
+from engine.errors import CancelledError, ContextOverflowError, TernError
 from engine.sampling import Sampler, SamplerParams
 
 log = logging.getLogger(__name__)
 
 _REMEMBERED_REPLIES = 256   # exact ids kept for this many recent replies
 # The prompt runs in chunks of this many tokens, with a look at the cancel flag in between, so
-# Stop answers within one chunk's time even during a long prefill.
-PREFILL_CHUNK = 256
+# Stop answers within one chunk's time even during a long prefill. The native library works in
+# chunks of 128 itself (TERN_CHUNK), so this costs it nothing.
+PREFILL_CHUNK = 128
 
 
 class InvalidRequestError(TernError, ValueError):
@@ -256,7 +257,11 @@ class ChatSession:
                 logits = None
                 break
             chunk = prompt[chunk_start:chunk_start + PREFILL_CHUNK]
-            logits = self._feed(chunk)
+            try:
+                logits = self._feed(chunk)
+            except CancelledError:      # a decoder stopped from outside (NativeDecoder.cancel)
+                logits = None
+                break
             stats.prefilled_tokens += len(chunk)
             self.counters["last_prefilled_tokens"] += len(chunk)
             self.counters["prefilled_tokens_total"] += len(chunk)
@@ -281,7 +286,10 @@ class ChatSession:
             token = sampler.sample(logits, self._cached)
             if token in stop_ids:
                 stats.stop_reason = "eos"
-                self._feed([token])      # the end of turn belongs in the cache: the next render has it
+                try:
+                    self._feed([token])  # the end of turn belongs in the cache: the next render has it
+                except CancelledError:
+                    pass                 # then the next turn prefills it
                 busy += time.perf_counter() - start
                 steps += 1
                 break
@@ -294,7 +302,11 @@ class ChatSession:
                 stats.stop_reason = "cancelled"
                 break
             start = time.perf_counter()
-            logits = self._feed([token])
+            try:
+                logits = self._feed([token])
+            except CancelledError:
+                stats.stop_reason = "cancelled"
+                break
             busy += time.perf_counter() - start
             steps += 1
             if len(reply) >= budget:
