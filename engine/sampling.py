@@ -16,9 +16,9 @@ import numpy as np
 from engine.errors import TernError
 
 # Top-p without top-k would need a full sort of the vocabulary (128k entries) per token; the
-# nucleus almost always lies within the best few hundred, so try that many first (exact: the
-# normalisation still runs over every candidate) and fall back to a full sort when it does not.
-_NUCLEUS_PROBE = 1024
+# nucleus almost always lies within the best few hundred, so sort that many first (exact: the
+# normalisation still runs over every candidate), then more, and the whole only as a last resort.
+_NUCLEUS_PROBES = (1024, 16384)
 
 
 class SamplerParamsError(TernError, ValueError):
@@ -148,14 +148,18 @@ def _top_p(logits: np.ndarray, ids: np.ndarray, p: float) -> np.ndarray:
 
 
 def _top_p_full(logits: np.ndarray, p: float) -> np.ndarray:
-    """Top-p over the whole vocabulary, sorting only the best few hundred when they suffice."""
+    """Top-p over the whole vocabulary, sorting only as many of the best as the nucleus needs."""
     values = logits.astype(np.float64)
     total = np.exp(values - values.max()).sum()
-    probe = _sorted_ids(logits, _top_k_ids(logits, min(_NUCLEUS_PROBE, logits.size)))
-    cumulative = np.cumsum(np.exp(values[probe] - values.max())) / total
-    if cumulative[-1] >= p or probe.size == logits.size:
-        return probe[:_nucleus_size(cumulative, p)]
-    return _top_p(logits, _sorted_ids(logits, np.arange(logits.size)), p)
+    for probe_size in _NUCLEUS_PROBES:
+        if probe_size >= logits.size:
+            break
+        probe = _sorted_ids(logits, _top_k_ids(logits, probe_size))
+        cumulative = np.cumsum(np.exp(values[probe] - values.max())) / total
+        if cumulative[-1] >= p:
+            return probe[:_nucleus_size(cumulative, p)]
+    # a stable sort of -logits orders equal logits by id, as _sorted_ids does
+    return _top_p(logits, np.argsort(-logits, kind="stable"), p)
 
 
 def _nucleus_size(cumulative: np.ndarray, p: float) -> int:

@@ -120,14 +120,18 @@ def test_top_p_keeps_the_token_that_crosses_p():
     assert filter_candidates(logits, params(top_p=0.0))[0].tolist() == [0]
 
 
-def test_top_p_without_top_k_matches_a_full_sort_on_a_flat_distribution():
-    # flat logits: the nucleus is larger than the probe, so the full-sort path is taken
-    logits = random_logits(n=20000, seed=3) * 0.1
+@pytest.mark.parametrize("scale, smallest, largest", [
+    (6.0, 2, 1024),          # peaked: the first probe holds the nucleus
+    (1.0, 1025, 16384),      # the second probe does
+    (0.1, 16385, 20000),     # nearly flat: the full sort
+])
+def test_top_p_without_top_k_matches_a_full_sort(scale, smallest, largest):
+    logits = random_logits(n=20000, seed=3) / 2 * scale
     ids, _ = filter_candidates(logits, params(top_p=0.9))
     order = np.argsort(-logits, kind="stable")
     probs = np.exp(logits[order].astype(np.float64) - logits.max())
     n_keep = int(np.searchsorted(np.cumsum(probs) / probs.sum(), 0.9)) + 1
-    assert n_keep > 1024
+    assert smallest <= n_keep <= largest
     assert ids.tolist() == order[:n_keep].tolist()
 
 
