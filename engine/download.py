@@ -13,6 +13,7 @@ before the file is atomically `os.replace`d into place; a file that fails is del
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -296,7 +297,7 @@ def _check_response(resp, remote: RemoteFile, part: Path, have: int, had_token: 
 
 def _receive(resp, part: Path, start: int, remote: RemoteFile, meter: _Meter,
              control: DownloadControl, attempt: int) -> None:
-    with open(part, "r+b" if part.exists() else "w+b") as f:
+    with open(part, "r+b" if part.exists() else "w+b", buffering=0) as f:
         f.seek(start)
         f.truncate()
         pos, synced = start, start
@@ -304,21 +305,35 @@ def _receive(resp, part: Path, start: int, remote: RemoteFile, meter: _Meter,
             for chunk in resp.iter_raw():
                 if pos + len(chunk) > remote.size:
                     raise _Retryable("the server sent more bytes than the file has")
-                f.write(chunk)
+                _write(f, chunk, part)
                 pos += len(chunk)
                 if pos - synced >= FSYNC_EVERY:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    _write(f, b"", part, sync=True)
                     synced = pos
                 meter.update("downloading", pos, attempt)
                 if control.paused or control.stopped:
                     return
         finally:
-            f.flush()
-            os.fsync(f.fileno())
+            _write(f, b"", part, sync=True)
     meter.update("downloading", pos, attempt, force=True)
     if pos < remote.size:
         raise _Retryable(f"the connection closed early at {pos} of {remote.size} bytes")
+
+
+def _write(f, data: bytes, part: Path, sync: bool = False) -> None:
+    """Write (and optionally flush to disk); a full disk or a refused write keeps the partial file."""
+    try:
+        view = memoryview(data)
+        while view:                      # unbuffered: a short write is possible, nothing is hidden
+            view = view[f.write(view):]
+        if sync:
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DiskSpaceError(f"the disk filled up while writing {part}; free some space and download "
+                                 f"again — it resumes from {_gib(f.tell())}") from None
+        raise DownloadError(f"cannot write {part} ({exc.strerror or type(exc).__name__}); "
+                            f"the partial file is kept") from None
 
 
 def _verify(part: Path, remote: RemoteFile, meter: _Meter, control: DownloadControl) -> None:

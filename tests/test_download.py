@@ -416,3 +416,31 @@ def test_an_unreachable_or_wrong_endpoint_gives_a_clear_error(monkeypatch, tmp_p
     finally:
         portal.shutdown()
         portal.server_close()
+
+
+CHILD_WITH_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # over-limit writes fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+from engine import hub
+from engine.download import RetryPolicy, download_file
+try:
+    download_file(hub.remote_file(sys.argv[1], "model.gguf"), Path(sys.argv[2]), policy=RetryPolicy(max_failures=2))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_refused_write_is_a_typed_error_and_keeps_the_part(server, state, tmp_path):
+    dest = tmp_path / "model.gguf"
+    result = subprocess.run([sys.executable, "-c", CHILD_WITH_FILE_SIZE_LIMIT, REPO, str(dest)],
+                            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HF_ENDPOINT": server.url})
+    assert result.stdout.startswith("DownloadError cannot write"), result.stdout + result.stderr
+    assert "the partial file is kept" in result.stdout
+    kept = file_size(part_path(dest))
+    assert 0 < kept <= 1_000_000
+    download_file(hub.remote_file(REPO, "model.gguf"), dest, policy=FAST)       # room again: resumes
+    assert dest.read_bytes() == state.repos[REPO].files["model.gguf"]
+    assert state.ranges("model.gguf")[-1] == f"bytes={kept}-"
