@@ -124,6 +124,12 @@ def _declare(h: ctypes.CDLL) -> None:
     #                              double *gb_per_s);   (bwprobe.c, helper H4b)
     fn("tern_bandwidth_probe", ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32,
        ctypes.POINTER(ctypes.c_double))
+    # int32_t tern_attention_test(const float *q, const uint16_t *k, const uint16_t *v,
+    #                             int32_t first, int32_t n, int32_t heads, int32_t hd,
+    #                             uint64_t scratch_bytes, float *out);   (attn_prefill.c, H4b)
+    fn("tern_attention_test", ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+       ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64,
+       ctypes.c_void_p)
     # int32_t tern_model_create(const tern_model_params *params, tern_model **out);
     fn("tern_model_create", ctypes.c_int32, ctypes.POINTER(TernModelParams), ctypes.POINTER(ctypes.c_void_p))
     # void tern_model_free(tern_model *model);

@@ -147,6 +147,13 @@ TERN_API int32_t tern_kernel_test(const char *variant, int32_t op, const void *w
 TERN_API int32_t tern_bandwidth_probe(uint64_t bytes, int32_t threads, int32_t reps,
                                       double *gb_per_s);
 
+/* Test entry of the batched prefill attention (native/src/attn_prefill.c, helper H4b): q is
+ * n x heads x hd floats, k and v (first + n) x hd f16 rows of one KV group, out like q.
+ * TERN_ERR_UNSUPPORTED when this CPU or shape takes the per-head path instead. */
+TERN_API int32_t tern_attention_test(const float *q, const uint16_t *k, const uint16_t *v,
+                                     int32_t first, int32_t n, int32_t heads, int32_t hd,
+                                     uint64_t scratch_bytes, float *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,271 @@
+/* Batched causal attention for prompt chunks, AVX-512 F (compiled with -mavx512f; see
+ * attn_prefill.h for the contract).
+ *
+ * Per block of TB tokens and the heads of one KV group, positions are visited in blocks of PB:
+ * the block's K rows are converted from f16 once and transposed (kt[d][p], so one FMA covers
+ * 16 positions of one query row), its V rows converted (vf[p][d]); every query row of the
+ * token block then uses them. Softmax is the online (running max) form, so scratch does not
+ * grow with the context: per row a running max m, a running sum l and an output accumulator.
+ */
+#include <assert.h>
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "attn_prefill.h"
+
+#define PB 64      /* positions per block: 4 zmm of scores per query row */
+#define TB_MAX 16  /* tokens per block */
+#define ROWS 4     /* query rows (heads) per score pass */
+
+static_assert(PB == 4 * 16, "score passes hold 4 zmm per row");
+
+/* ---- e^x for x <= 0 (x = -inf gives 0): 2^n * poly(r), |r| <= ln2/2, ~1 ulp ---- */
+static inline __m512 exp_ps(__m512 x)
+{
+    const __m512 lo = _mm512_set1_ps(-88.0f);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
+}
+
+/* ---- K/V block: f16 -> f32, K transposed ---- */
+
+/* r[i] = 16 values of row i -> r[d] = value d of rows 0..15 */
+static inline void transpose16(__m512 r[16])
+{
+    __m512 t[16], u[16];
+    for (int k = 0; k < 8; k++) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
+        u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    /* u[4k + c], 128-bit lane L: rows 4k..4k+3 of column 4L + c */
+    for (int c = 0; c < 4; c++) {
+        const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
+        const __m512 x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+        const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+        r[8 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+    }
+}
+
+static inline __m512 load_f16(const uint16_t *p)
+{
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
+}
+
+/* kt[d * PB + j] = k[p0 + j][d], vf[j * hd + d] = v[p0 + j][d]; rows j >= np are zero. */
+static void load_block(const tern_attn_args *a, int32_t p0, int32_t np, float *kt, float *vf)
+{
+    const int32_t hd = a->hd;
+    for (int32_t j0 = 0; j0 < PB; j0 += 16) {
+        for (int32_t dc = 0; dc < hd; dc += 16) {
+            __m512 r[16];
+            for (int32_t i = 0; i < 16; i++)
+                r[i] = j0 + i < np ? load_f16(a->k + (int64_t)(p0 + j0 + i) * a->ldkv + dc)
+                                   : _mm512_setzero_ps();
+            transpose16(r);
+            for (int32_t i = 0; i < 16; i++)
+                _mm512_store_ps(kt + (int64_t)(dc + i) * PB + j0, r[i]);
+        }
+    }
+    for (int32_t j = 0; j < PB; j++)
+        for (int32_t dc = 0; dc < hd; dc += 16)
+            _mm512_store_ps(vf + (int64_t)j * hd + dc,
+                            j < np ? load_f16(a->v + (int64_t)(p0 + j) * a->ldkv + dc)
+                                   : _mm512_setzero_ps());
+}
+
+/* ---- scores and the online softmax ---- */
+
+/* s[r][0..PB) = q_r . k[p] for query rows q[r] (hd floats each), rows < nr. */
+static inline __attribute__((always_inline)) void scores(const float *const q[ROWS], int nr,
+                                                          const float *kt, int32_t hd,
+                                                          float s[ROWS][PB])
+{
+    __m512 acc[ROWS][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < 4; c++)
+            acc[r][c] = _mm512_setzero_ps();
+    for (int32_t d = 0; d < hd; d++) {
+        const float *row = kt + (int64_t)d * PB;
+        const __m512 k0 = _mm512_load_ps(row), k1 = _mm512_load_ps(row + 16);
+        const __m512 k2 = _mm512_load_ps(row + 32), k3 = _mm512_load_ps(row + 48);
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++) {
+            const __m512 qb = _mm512_set1_ps(q[r][d]);
+            acc[r][0] = _mm512_fmadd_ps(qb, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(qb, k1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(qb, k2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(qb, k3, acc[r][3]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_ps(s[r] + 16 * c, acc[r][c]);
+}
+
+typedef struct {
+    float *o;  /* hd accumulators */
+    float *m;  /* running max of scaled scores */
+    float *l;  /* running sum of e^(score - m) */
+} row_state;
+
+/* Folds positions [0, valid) of one block into a row: s holds its raw scores. */
+static void update_row(const row_state *st, float *s, int32_t valid, float scale, const float *vf,
+                       int32_t hd)
+{
+    __m512 x[4];
+    __mmask16 mask[4];
+    float bmax = -INFINITY;
+    for (int c = 0; c < 4; c++) {
+        const int32_t left = valid - 16 * c;
+        mask[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+        x[c] = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(scale));
+        if (mask[c]) {
+            const float mc = _mm512_mask_reduce_max_ps(mask[c], x[c]);
+            bmax = mc > bmax ? mc : bmax;
+        }
+    }
+    const float m_new = *st->m > bmax ? *st->m : bmax;
+    const float corr = expf(*st->m - m_new); /* 0 on the first block (m = -inf) */
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < 4; c++) {
+        const __m512 p = _mm512_maskz_mov_ps(mask[c], exp_ps(_mm512_sub_ps(x[c], _mm512_set1_ps(m_new))));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_storeu_ps(s + 16 * c, p);
+    }
+    *st->l = *st->l * corr + _mm512_reduce_add_ps(sum);
+    *st->m = m_new;
+    const __m512 cv = _mm512_set1_ps(corr);
+    for (int32_t d0 = 0; d0 < hd; d0 += 128) {
+        const int nc = (hd - d0) / 16 < 8 ? (hd - d0) / 16 : 8;
+        __m512 o[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            o[c] = c < nc ? _mm512_mul_ps(_mm512_loadu_ps(st->o + d0 + 16 * c), cv)
+                          : _mm512_setzero_ps();
+        for (int32_t j = 0; j < valid; j++) {
+            const __m512 pj = _mm512_set1_ps(s[j]);
+            const float *vrow = vf + (int64_t)j * hd + d0;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                if (c < nc)
+                    o[c] = _mm512_fmadd_ps(pj, _mm512_load_ps(vrow + 16 * c), o[c]);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            if (c < nc)
+                _mm512_storeu_ps(st->o + d0 + 16 * c, o[c]);
+    }
+}
+
+/* ---- driver ---- */
+
+typedef struct {
+    float *kt, *vf, *o, *m, *l;
+    int32_t tb;
+} attn_scratch;
+
+static size_t round64(size_t floats) { return (floats + 15) & ~(size_t)15; }
+
+static size_t per_token_floats(const tern_attn_args *a)
+{
+    return round64((size_t)a->heads * (size_t)a->hd) + 2 * round64((size_t)a->heads);
+}
+
+size_t tern_attention_scratch_min(const tern_attn_args *a)
+{
+    return (2 * round64((size_t)PB * (size_t)a->hd) + per_token_floats(a)) * sizeof(float);
+}
+
+static attn_scratch split_scratch(const tern_attn_args *a, void *scratch, size_t bytes)
+{
+    attn_scratch sc;
+    const size_t blk = round64((size_t)PB * (size_t)a->hd);
+    sc.kt = scratch;
+    sc.vf = sc.kt + blk;
+    const size_t per_tok = per_token_floats(a);
+    const size_t fit = (bytes / sizeof(float) - 2 * blk) / per_tok;
+    sc.tb = (int32_t)(fit < TB_MAX ? fit : TB_MAX);
+    sc.o = sc.vf + blk;
+    sc.m = sc.o + round64((size_t)sc.tb * (size_t)a->heads * (size_t)a->hd);
+    sc.l = sc.m + round64((size_t)sc.tb * (size_t)a->heads);
+    return sc;
+}
+
+/* Tokens [t0, t0 + nt) of a over every position block they attend to. */
+static void token_block(const tern_attn_args *a, const attn_scratch *sc, int32_t t0, int32_t nt)
+{
+    const int32_t H = a->heads, hd = a->hd;
+    const int32_t end = a->first + t0 + nt; /* positions [0, end) */
+    for (int32_t i = 0; i < nt * H; i++)
+        sc->m[i] = -INFINITY, sc->l[i] = 0.0f;
+    memset(sc->o, 0, sizeof(float) * (size_t)nt * (size_t)H * (size_t)hd);
+    float s[ROWS][PB];
+    for (int32_t p0 = 0; p0 < end; p0 += PB) {
+        load_block(a, p0, end - p0 < PB ? end - p0 : PB, sc->kt, sc->vf);
+        for (int32_t t = 0; t < nt; t++) {
+            const int32_t npos = a->first + t0 + t + 1 - p0;
+            if (npos <= 0)
+                continue;
+            const int32_t valid = npos < PB ? npos : PB;
+            for (int32_t h0 = 0; h0 < H; h0 += ROWS) {
+                const int nr = H - h0 < ROWS ? H - h0 : ROWS;
+                const float *q[ROWS];
+                for (int r = 0; r < nr; r++)
+                    q[r] = a->q + (int64_t)(t0 + t) * a->ldq + (int64_t)(h0 + r) * hd;
+                switch (nr) {
+                case 4: scores(q, 4, sc->kt, hd, s); break;
+                case 3: scores(q, 3, sc->kt, hd, s); break;
+                case 2: scores(q, 2, sc->kt, hd, s); break;
+                default: scores(q, 1, sc->kt, hd, s); break;
+                }
+                for (int r = 0; r < nr; r++) {
+                    const int32_t row = t * H + h0 + r;
+                    const row_state st = {sc->o + (int64_t)row * hd, sc->m + row, sc->l + row};
+                    update_row(&st, s[r], valid, a->scale, sc->vf, hd);
+                }
+            }
+        }
+    }
+    for (int32_t t = 0; t < nt; t++)
+        for (int32_t h = 0; h < H; h++) {
+            const int32_t row = t * H + h;
+            const __m512 inv = _mm512_set1_ps(1.0f / sc->l[row]);
+            float *dst = a->out + (int64_t)(t0 + t) * a->ldo + (int64_t)h * hd;
+            for (int32_t dc = 0; dc < hd; dc += 16)
+                _mm512_storeu_ps(dst + dc, _mm512_mul_ps(_mm512_loadu_ps(sc->o + (int64_t)row * hd + dc), inv));
+        }
+}
+
+void tern_attention_f16_avx512(const tern_attn_args *a, void *scratch, size_t scratch_bytes)
+{
+    const attn_scratch sc = split_scratch(a, scratch, scratch_bytes);
+    for (int32_t t0 = 0; t0 < a->n; t0 += sc.tb)
+        token_block(a, &sc, t0, a->n - t0 < sc.tb ? a->n - t0 : sc.tb);
+}

@@ -1,0 +1,37 @@
+/* Causal attention of a block of prompt tokens over an f16 KV cache, for the query heads of
+ * one KV group (helper H4b; attn_prefill.c). Decode (one token) keeps the per-head path in
+ * forward.c: batching only pays when several tokens share each converted K/V row.
+ *
+ * Token t (0 <= t < n) is at absolute position first + t and attends to cached positions
+ * 0..first+t (which must already hold its own K/V). For head i of the group:
+ *   out[t][i] = softmax_p(scale * q[t][i] . k[p]) . v[p]
+ */
+#ifndef TERN_ATTN_PREFILL_H
+#define TERN_ATTN_PREFILL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tern_attn_args {
+    const float *q;        /* head i of token t at q + t*ldq + i*hd */
+    int64_t ldq;
+    const uint16_t *k, *v; /* f16 rows of this KV group: position p at k + p*ldkv */
+    int64_t ldkv;
+    float *out;            /* head i of token t at out + t*ldo + i*hd */
+    int64_t ldo;
+    int32_t first, n;      /* absolute position of token 0; number of tokens */
+    int32_t heads, hd;     /* query heads of the group; head dimension */
+    float scale;           /* usually 1 / sqrt(hd) */
+} tern_attn_args;
+
+/* Runs the batched kernel if this CPU and the shape allow it (AVX-512 F, hd a multiple of 16
+ * up to 256, scratch_bytes >= tern_attention_scratch_min); returns false, having done nothing,
+ * otherwise, and the caller runs its per-head path. attn_prefill.c, baseline-compiled. */
+bool tern_attention_prefill(const tern_attn_args *a, void *scratch, size_t scratch_bytes);
+size_t tern_attention_scratch_min(const tern_attn_args *a);
+
+/* attn_avx512.c (-mavx512f): the kernel itself, for the cases tern_attention_prefill accepts. */
+void tern_attention_f16_avx512(const tern_attn_args *a, void *scratch, size_t scratch_bytes);
+
+#endif
