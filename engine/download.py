@@ -270,6 +270,10 @@ def _fetch(client, remote: RemoteFile, part: Path, headers: dict, had_token: boo
 def _check_response(resp, remote: RemoteFile, part: Path, have: int, had_token: bool) -> int:
     """Where in the file the body starts; raises for statuses that end or retry the attempt."""
     status = resp.status_code
+    if status in (401, 403) and _origin(str(resp.url)) != _origin(remote.url):
+        # Refused by the storage server the hub redirected to (an expired signed link, say),
+        # not by the hub: the next attempt asks the hub for a fresh link.
+        raise _Retryable(f"the storage server refused the download link (HTTP {status})")
     if status in (401, 403):
         raise AuthError(auth_help(remote.repo, _origin(remote.url), had_token))
     if status == 404:

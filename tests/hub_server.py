@@ -256,6 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cdn(self, sha: str, head: bool) -> None:
         """Content-addressed blobs, like the hub's CDN: no auth, Range support."""
+        status = None if head else self.server.state.take_failure()
+        if status is not None:
+            return self._error(status, None, "Request has expired")
         for repo in self.server.state.repos.values():
             for path, data in repo.files.items():
                 if repo.is_lfs(path) and hashlib.sha256(data).hexdigest() == sha:

@@ -384,6 +384,18 @@ def test_redirect_to_a_cdn_keeps_the_token_home(state, monkeypatch, tmp_path):
     assert cdn_gets[1]["range"] != "bytes=0-"
 
 
+def test_an_expired_cdn_link_is_fetched_again_from_the_hub(state, monkeypatch, tmp_path):
+    cdn_state = HubState()
+    cdn_state.add_repo(REPO, state.repos[REPO].files)
+    cdn_state.fail_status, cdn_state.fails_left = 403, 1          # S3: "Request has expired"
+    with HubServer(cdn_state) as cdn, HubServer(state) as srv:
+        state.cdn_url = cdn.url
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        dest = download_file(hub.remote_file(REPO, "model.gguf"), tmp_path / "model.gguf", policy=FAST)
+    assert dest.read_bytes() == state.repos[REPO].files["model.gguf"]
+    assert len(state.ranges("model.gguf")) == 2                   # the hub was asked twice
+
+
 def test_an_unreachable_or_wrong_endpoint_gives_a_clear_error(monkeypatch, tmp_path):
     import socket
     from http.server import BaseHTTPRequestHandler, HTTPServer
