@@ -8,17 +8,27 @@
 #include "kernels.h"
 #include "tern.h"
 
-bool tern_attention_prefill(const tern_attn_args *a, void *scratch, size_t scratch_bytes)
+bool tern_attention_prefill_supported(int32_t heads, int32_t hd, size_t scratch_bytes)
 {
 #ifdef TERN_HAVE_ATTN_AVX512
-    if (!(tern_cpu_features() & TERN_CPU_AVX512) || a->hd <= 0 || a->hd % 16 != 0 ||
-        a->hd > 256 || a->heads <= 0 || a->n <= 0 || ((uintptr_t)scratch & 63) != 0 ||
-        scratch_bytes < tern_attention_scratch_min(a))
+    const tern_attn_args shape = {.heads = heads, .hd = hd};
+    return (tern_cpu_features() & TERN_CPU_AVX512) && hd > 0 && hd % 16 == 0 && hd <= 256 &&
+           heads > 0 && scratch_bytes >= tern_attention_scratch_min(&shape);
+#else
+    (void)heads, (void)hd, (void)scratch_bytes;
+    return false;
+#endif
+}
+
+bool tern_attention_prefill(const tern_attn_args *a, void *scratch, size_t scratch_bytes)
+{
+    if (!tern_attention_prefill_supported(a->heads, a->hd, scratch_bytes) || a->n <= 0 ||
+        a->first < 0 || ((uintptr_t)scratch & 63) != 0)
         return false;
+#ifdef TERN_HAVE_ATTN_AVX512
     tern_attention_f16_avx512(a, scratch, scratch_bytes);
     return true;
 #else
-    (void)a, (void)scratch, (void)scratch_bytes;
     return false;
 #endif
 }

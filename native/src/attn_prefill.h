@@ -29,6 +29,9 @@ typedef struct tern_attn_args {
  * up to 256, scratch_bytes >= tern_attention_scratch_min); returns false, having done nothing,
  * otherwise, and the caller runs its per-head path. attn_prefill.c, baseline-compiled. */
 bool tern_attention_prefill(const tern_attn_args *a, void *scratch, size_t scratch_bytes);
+/* Whether tern_attention_prefill would run for this group size, head size and scratch (so that
+ * every thread of a phase takes the same path before taking work items). */
+bool tern_attention_prefill_supported(int32_t heads, int32_t hd, size_t scratch_bytes);
 size_t tern_attention_scratch_min(const tern_attn_args *a);
 
 /* attn_avx512.c (-mavx512f): the kernel itself, for the cases tern_attention_prefill accepts. */

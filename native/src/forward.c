@@ -9,6 +9,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "attn_prefill.h"
 #include "f16.h"
 #include "ops.h"
 #include "session.h"
@@ -141,8 +142,36 @@ static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32
         kv_axpy(s, out, ts->scores[p] / sum, s->v_cache, base + p * s->kv_dim, hd);
 }
 
+/* Prompt chunks with an f16 cache: attn_prefill.h's batched kernel (helper H4b), work items
+ * of ATTN_TOKENS tokens x one KV group, so each converted K/V row serves many query rows. */
+#define ATTN_TOKENS 16
+static bool attention_batched(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
+{
+    tern_session *s = j->s;
+    const tern_model *m = s->m;
+    const int32_t group = (int32_t)(m->n_head / m->n_head_kv), hd = (int32_t)m->head_dim;
+    if (j->n < 2 || s->kv_type != TERN_KV_F16 ||
+        !tern_attention_prefill_supported(group, hd, TERN_GEMM_SCRATCH_BYTES))
+        return false;
+    const int64_t nkv = m->n_head_kv, items = nkv * ((j->n + ATTN_TOKENS - 1) / ATTN_TOKENS);
+    const int64_t cache = (int64_t)layer * s->n_ctx * s->kv_dim;
+    for (int64_t it = take(s, phase); it < items; it = take(s, phase)) {
+        const int64_t g = it % nkv, t0 = it / nkv * ATTN_TOKENS;
+        const tern_attn_args a = {
+            s->qkv + t0 * s->qkv_dim + g * group * hd, s->qkv_dim,
+            (const uint16_t *)s->k_cache + cache + g * hd, (const uint16_t *)s->v_cache + cache + g * hd,
+            s->kv_dim, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
+            j->first + (int32_t)t0, (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS),
+            group, hd, (float)(1.0 / sqrt((double)hd))};
+        tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
+    }
+    return true;
+}
+
 static void attention_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
 {
+    if (attention_batched(j, ts, layer, phase))
+        return;
     const int64_t nh = j->s->m->n_head, items = (int64_t)j->n * nh;
     for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase))
         attention_one(j, ts, layer, (int32_t)(it / nh), (int32_t)(it % nh));

@@ -6,7 +6,9 @@
 #include "error.h"
 #include "model.h"
 
-int32_t tern_build_int8_head(tern_model *m)
+#define RELEASE_ROWS 1024 /* source rows between page releases (~5 MB of f16 at 2560) */
+
+int32_t tern_build_int8_head(tern_model *m, bool release_source)
 {
     const int64_t rows = m->n_vocab, cols = m->n_embd;
     const size_t bytes = ((size_t)(rows * cols) + 63) / 64 * 64;
@@ -33,7 +35,14 @@ int32_t tern_build_int8_head(tern_model *m)
         for (int64_t k = 0; k < cols; k++)
             q[k] = scale > 0.0f ? (int8_t)nearbyintf(row[k] / scale) : 0;
         m->head_scale[r] = scale;
+        /* Drop source pages as we go, so the f16 head and its int8 copy are never both
+         * resident in full: that would be the load's peak RSS. */
+        if (release_source && (r + 1) % RELEASE_ROWS == 0)
+            tern_os_release_pages(m->head.data + (r + 1 - RELEASE_ROWS) * m->head.row_bytes,
+                                  (uint64_t)(RELEASE_ROWS * m->head.row_bytes));
     }
+    if (release_source)
+        tern_os_release_pages(m->head.data, (uint64_t)(rows * m->head.row_bytes));
     free(row);
     return TERN_OK;
 }

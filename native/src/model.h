@@ -53,7 +53,8 @@ int64_t tern_ternary_src_bytes(int32_t type, int64_t rows, int64_t cols);
 /* Fill m from the source tensor (already size-checked). Returns a TERN_* status. */
 int32_t tern_repack(const tern_matrix *src, const char *name, t2_matrix *m, uint64_t *alloc_bytes);
 
-/* Build the int8 LM-head copy from model->head. */
-int32_t tern_build_int8_head(tern_model *model);
+/* Build the int8 LM-head copy from model->head; release_source: drop the source's pages
+ * (a read-only file mapping) from the resident set as they are consumed. */
+int32_t tern_build_int8_head(tern_model *model, bool release_source);
 
 #endif

@@ -152,13 +152,9 @@ static int32_t load(const tern_model_params *p, tern_model *m)
             return st;
     if (!(m->output_norm = copy_norm(p->output_norm, p->n_embd, "output_norm.weight", m, &st)))
         return st;
-    if (p->lm_head == TERN_LM_HEAD_INT8) {
-        if ((st = tern_build_int8_head(m)) != TERN_OK)
-            return st;
-        /* decode now reads only the embedding rows of its tokens */
-        if (p->release_sources)
-            tern_os_release_pages(m->head.data, (uint64_t)(m->head.row_bytes * m->n_vocab));
-    }
+    /* With the int8 head, decode reads only the embedding rows of its tokens afterwards. */
+    if (p->lm_head == TERN_LM_HEAD_INT8)
+        return tern_build_int8_head(m, p->release_sources != 0);
     return TERN_OK;
 }
 

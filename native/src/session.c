@@ -6,6 +6,17 @@
 
 #include "error.h"
 
+/* Uninitialised: pages become resident only when first written (the KV cache fills as the
+ * context grows; positions >= n_past are never read). */
+static void *lazy_alloc(size_t bytes, uint64_t *total)
+{
+    const size_t rounded = (bytes + 4095) / 4096 * 4096;
+    void *p = aligned_alloc(4096, rounded ? rounded : 4096);
+    if (p)
+        *total += rounded;
+    return p;
+}
+
 static void *zalloc(size_t bytes, uint64_t *total)
 {
     const size_t rounded = (bytes + 63) / 64 * 64;
@@ -73,8 +84,8 @@ static int32_t alloc_shared(tern_session *s)
     const size_t T = TERN_CHUNK;
     const size_t kv = (size_t)m->n_layer * (size_t)s->n_ctx * (size_t)s->kv_dim;
     uint64_t total = 0;
-    s->k_cache = zalloc(kv * s->kv_elem, &total);
-    s->v_cache = zalloc(kv * s->kv_elem, &total);
+    s->k_cache = lazy_alloc(kv * s->kv_elem, &total);
+    s->v_cache = lazy_alloc(kv * s->kv_elem, &total);
     s->x = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
     s->qkv = zalloc(T * (size_t)s->qkv_dim * sizeof(float), &total);
     s->att = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
