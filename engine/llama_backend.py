@@ -175,6 +175,10 @@ class LlamaCppDecoder:
             raise ModelFormatError(self.path, "file not found")
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        # The "extra" buffer types repack weights for AMX and friends; this llama.cpp build's AMX
+        # matmul segfaults on Gemma 3 Q4_K_M on Sapphire Rapids (llama_decode → ggml_backend_amx_
+        # mul_mat). The plain CPU kernels are correct everywhere.
+        mparams.use_extra_bufts = False
         self._model = ll.llama_model_load_from_file(os.fsencode(self.path), mparams)
         if not self._model:
             raise ModelFormatError(self.path, "llama.cpp cannot load this file (unknown architecture "
@@ -190,7 +194,7 @@ class LlamaCppDecoder:
         self._tokens: list[int] = []        # the ids in the KV cache, oldest first
         desc = ctypes.create_string_buffer(128)
         ll.llama_model_desc(self._model, desc, 128)
-        self.kernel = "llama.cpp " + desc.value.decode("utf-8", errors="replace")
+        self.kernel = desc.value.decode("utf-8", errors="replace")     # e.g. "gemma3 270M Q4_K - Medium"
 
     def _open_context(self, n_ctx: int, threads: int | None, n_batch: int) -> None:
         self.n_batch = max(1, min(n_batch, n_ctx))
