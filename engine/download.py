@@ -22,7 +22,7 @@ import random
 import shutil
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -406,35 +406,48 @@ def _forget_foreign_part(part: Path, remote: RemoteFile) -> None:
         _sidecar(part).unlink(missing_ok=True)
 
 
-# ---- one writer per partial file ---------------------------------------------------------------
+# ---- one writer per file ------------------------------------------------------------------------
 
 @contextmanager
-def _exclusive(part: Path, remote: RemoteFile):
-    """Hold an OS lock on `<name>.part.lock` so that two Tern processes (the app and the CLI)
-    never append to the same partial file. The OS drops the lock if the process dies."""
-    lock_path = part.with_name(part.name + ".lock")
+def file_lock(lock_path: Path, *, wait: bool):
+    """Hold an OS lock on `lock_path` (created if needed) for the block, across processes; the OS
+    drops it if the process dies. `wait=False` raises BlockingIOError at once if it is held."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            _lock_fd(fd)
-        except OSError:
-            raise DownloadError(f"{remote.path} is being downloaded by another Tern window or command; "
-                                f"wait for it to finish or close it") from None
+        _lock_fd(fd, wait)
         try:
             yield
         finally:
             _unlock_fd(fd)
     finally:
         os.close(fd)
-        if not part.exists():
-            lock_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _exclusive(part: Path, remote: RemoteFile):
+    """Two Tern processes (the app and the CLI) never append to the same partial file."""
+    lock_path = part.with_name(part.name + ".lock")
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock_path, wait=False))
+        except BlockingIOError:
+            raise DownloadError(f"{remote.path} is being downloaded by another Tern window or command; "
+                                f"wait for it to finish or close it") from None
+        try:
+            yield
+        finally:
+            if not part.exists():
+                lock_path.unlink(missing_ok=True)
 
 
 if os.name == "nt":
     import msvcrt
 
-    def _lock_fd(fd: int) -> None:
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    def _lock_fd(fd: int, wait: bool) -> None:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            raise BlockingIOError(str(exc)) from None
 
     def _unlock_fd(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -442,8 +455,8 @@ if os.name == "nt":
 else:
     import fcntl
 
-    def _lock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    def _lock_fd(fd: int, wait: bool) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
 
     def _unlock_fd(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from engine.download import (
     RetryPolicy,
     disk_free_bytes,
     download_file,
+    file_lock,
 )
 from engine.errors import DiskSpaceError, DownloadError, ModelFormatError, TernError
 from engine.model import inspect_gguf
@@ -42,6 +44,7 @@ DEFAULT_FILE = "ggml-model-i2_s.gguf"
 INDEX_NAME = "library.json"
 SCHEMA_VERSION = 1
 CATALOGUE_NAME = "catalogue.json"
+_INDEX_LOCK = threading.RLock()      # one writer at a time in this process (GUI + download threads)
 
 
 class ModelNotFoundError(TernError):
@@ -95,7 +98,6 @@ class Library:
     def __init__(self, index_path: Path | None = None, models_dir: Path | None = None):
         self.index_path = Path(index_path) if index_path else paths.data_dir() / INDEX_NAME
         self.models_dir = Path(models_dir) if models_dir else paths.models_dir()
-        self._lock = threading.RLock()
 
     # ---- index ------------------------------------------------------------------------------
     def _load(self) -> dict:
@@ -117,15 +119,20 @@ class Library:
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
         os.replace(tmp, self.index_path)
 
+    @contextmanager
+    def _editing(self):
+        """Read-modify-write of the index, one writer at a time across threads and processes."""
+        self.index_path.parent.mkdir(parents=True, exist_ok=True)
+        with _INDEX_LOCK, file_lock(self.index_path.with_name(self.index_path.name + ".lock"), wait=True):
+            data = self._load()
+            yield data
+            self._save(data)
+
     def entries(self) -> list[ModelEntry]:
-        with self._lock:
-            return [ModelEntry.from_json(m) for m in self._load()["models"]]
+        return [ModelEntry.from_json(m) for m in self._load()["models"]]
 
     def get(self, model_id: str) -> ModelEntry:
-        for entry in self.entries():
-            if entry.id == model_id:
-                return entry
-        raise ModelNotFoundError(f"no model '{model_id}' in the library")
+        return _find(self._load(), model_id)
 
     def find(self, *, path: Path | None = None, source: str | None = None) -> ModelEntry | None:
         for entry in self.entries():
@@ -149,25 +156,21 @@ class Library:
             format="GGUF", arch=info.arch, quant=_dominant_quant(info.tensor_types),
             ctx=info.context_length, est_ram=int(info.est_ram_bytes), kind=info.kind,
             source=source, sha256=digest, added=time.time())
-        with self._lock:
-            data = self._load()
+        with self._editing() as data:
             data["models"] = [m for m in data["models"] if m["id"] != entry.id and m["path"] != entry.path]
             data["models"].append(asdict(entry))
             if data.get("default") is None:
                 data["default"] = entry.id
-            self._save(data)
         log.info("library: added %s (%s, %s)", entry.name, entry.quant, entry.source)
         return entry
 
     def remove(self, model_id: str, *, delete_file: bool = True) -> ModelEntry:
         """Forget a model; its file is deleted only if it lives in Tern's models folder."""
-        with self._lock:
-            data = self._load()
-            entry = self.get(model_id)
+        with self._editing() as data:
+            entry = _find(data, model_id)
             data["models"] = [m for m in data["models"] if m["id"] != model_id]
             if data.get("default") == model_id:
                 data["default"] = None
-            self._save(data)
         if delete_file and self.owns(entry):
             Path(entry.path).unlink(missing_ok=True)
             self._prune_empty_dirs(Path(entry.path).parent)
@@ -189,16 +192,13 @@ class Library:
             folder = folder.parent
 
     def set_default(self, model_id: str) -> None:
-        with self._lock:
-            data = self._load()
-            self.get(model_id)
+        with self._editing() as data:
+            _find(data, model_id)
             data["default"] = model_id
-            self._save(data)
 
     def default(self) -> ModelEntry | None:
         """The default model if it is still on disk; otherwise the first model that is."""
-        with self._lock:
-            data = self._load()
+        data = self._load()
         entries = [ModelEntry.from_json(m) for m in data["models"]]
         chosen = next((e for e in entries if e.id == data.get("default") and e.exists), None)
         return chosen or next((e for e in entries if e.exists), None)
@@ -212,6 +212,13 @@ class Library:
         hub.check_repo_id(repo)
         hub.check_repo_path(filename)
         return self.models_dir.joinpath(*repo.split("/"), *filename.split("/"))
+
+
+def _find(data: dict, model_id: str) -> ModelEntry:
+    for m in data["models"]:
+        if m["id"] == model_id:
+            return ModelEntry.from_json(m)
+    raise ModelNotFoundError(f"no model '{model_id}' in the library")
 
 
 def reveal_command(path: Path) -> list[str]:

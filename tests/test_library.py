@@ -193,3 +193,26 @@ def test_models_command_lists_the_library(home, tmp_path, gguf_bytes, capsys):
     assert main(["models"]) == 0
     table = capsys.readouterr().out
     assert listed[0]["id"] in table and "I2_S" in table and table.splitlines()[1].startswith("*")
+
+
+def test_concurrent_edits_lose_nothing(home, tmp_path, gguf_bytes):
+    import threading
+    models = []
+    for i in range(6):                      # six distinct files: the tiny model with its name varied
+        data = bytearray(gguf_bytes["i2_s"])
+        data[-1] ^= i + 1                   # last byte of the last tensor: a different file, same header
+        path = tmp_path / f"m{i}.gguf"
+        path.write_bytes(bytes(data))
+        models.append(path)
+    barrier = threading.Barrier(len(models))
+
+    def add(path):
+        barrier.wait()
+        Library().add(path)
+
+    threads = [threading.Thread(target=add, args=(p,)) for p in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(Path(e.path).name for e in Library().entries()) == sorted(p.name for p in models)
