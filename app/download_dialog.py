@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import asdict
 
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import QCoreApplication, QObject, Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QDialog, QFormLayout, QHBoxLayout, QInputDialog, QLabel, QLineEdit,
                                QMessageBox, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
@@ -135,6 +135,9 @@ class DownloadDialog(QDialog):
         self.entry: dict | None = None
         self._build()
         self._selection_changed()
+        app = QCoreApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._stop_for_quit)
 
     # ---- layout ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -258,6 +261,12 @@ class DownloadDialog(QDialog):
         if self.running:
             self.job.control.stop()
         super().reject()
+
+    def _stop_for_quit(self) -> None:
+        """The app is quitting: stop cleanly (the partial file resumes next start), briefly."""
+        if self.running:
+            self.job.control.stop()
+            self.job.thread.join(timeout=2.0)
 
     def ask_token(self) -> None:
         token, ok = QInputDialog.getText(self, "Hugging Face token",

@@ -109,8 +109,8 @@ class Library:
             raise TernError(f"the model library index {self.index_path} is unreadable ({exc}); "
                             f"move it away and re-add your models") from None
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise TernError(f"{self.index_path}: library schema {data.get('schema_version')} "
-                            f"is newer than this Tern understands ({SCHEMA_VERSION})")
+            raise TernError(f"{self.index_path}: library schema {data.get('schema_version')!r}; this Tern "
+                            f"reads schema {SCHEMA_VERSION} (was it written by another version?)")
         return data
 
     def _save(self, data: dict) -> None:
