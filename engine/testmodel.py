@@ -1,8 +1,9 @@
 """Random-weight BitNet models in exactly the layouts real files use, for tests and benchmarks.
 
 One seed gives the same ternary codes and scales in every format. Per ternary tensor: exactly
-half of the weights are non-zero (random positions and signs) and a value v = m * 2**e with a
-2-bit mantissa is drawn, exact in f16 and bf16; the tensor scale is s = v / 2 (also exact).
+half of the weights in every 256-block are non-zero (random positions and signs) and a value
+v = m * 2**e with a 2-bit mantissa is drawn, exact in f16 and bf16; the tensor scale is
+s = v / 2 (also exact).
 Float files store codes * v, so absmean at load finds mean|W| = v/2 = s and round(+-2) -> +-1:
 the same codes and scale as I2_S (f32 s) and TQ1_0/TQ2_0 (f16 d = s in every block).
 
@@ -25,6 +26,7 @@ import numpy as np
 from engine import quants
 from engine.gguf_file import BF16, F16, F32, I2_S, Q4_0, Q6_K, Q8_0, TQ1_0, TQ2_0, ValueType, tensor_nbytes
 from engine.gguf_write import Typed, WriterTensor, write_gguf
+from engine.quants import QK_K
 from engine.tokenizer import gguf_metadata_byte_vocab, gguf_metadata_from_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,13 @@ def _rng(seed: int, name: str) -> np.random.Generator:
 
 
 def ternary_weights(seed: int, name: str, rows: int, cols: int) -> tuple[np.ndarray, np.float32]:
-    """(codes (rows, cols) int8, scale s) of one ternary tensor."""
+    """(codes (rows, cols) int8, scale s) of one ternary tensor (rows * cols a multiple of 256)."""
     rng = _rng(seed, name)
     n = rows * cols
-    nonzero = np.zeros(n, dtype=np.int8)
-    nonzero[:n // 2] = 1
-    rng.shuffle(nonzero)
+    # Exactly half non-zero in every 256-weight block (so in the tensor, and no TQ block is
+    # all zero); a per-block shuffle is also twice as fast as shuffling 17 M weights at once.
+    half = np.repeat(np.array([1, 0], dtype=np.int8), QK_K // 2)
+    nonzero = rng.permuted(np.broadcast_to(half, (n // QK_K, QK_K)), axis=1).reshape(-1)
     signs = rng.integers(0, 2, n, dtype=np.int8) * 2 - 1
     v = np.float32(rng.choice([1.0, 1.25, 1.5, 1.75]) * 2.0 ** int(rng.integers(-3, 1)))
     return (nonzero * signs).reshape(rows, cols), np.float32(v / 2)

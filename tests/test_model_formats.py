@@ -294,3 +294,10 @@ def test_real_llama_cpp_runs_our_tq_files(tiny_model_path):
     assert logits["tq1_0"].shape == (5, 128256) and np.isfinite(logits["tq1_0"]).all()
     assert logits["tq1_0"].std() > 0.1
     np.testing.assert_allclose(logits["tq1_0"], logits["tq2_0"], atol=1e-4)
+
+
+def test_every_256_block_is_half_non_zero(tiny_model_path):
+    with load_model(tiny_model_path("tq2_0", tokenizer=False)) as m:
+        for t in m.ternary_matrices():
+            per_block = np.count_nonzero(t.codes().reshape(-1, 256), axis=1)
+            assert (per_block == 128).all(), t.name
