@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             controller.open_conversation(args.conversation)
         if model:
             controller.load_model(model)
+        else:
+            window.load_default_model = True
     code = app.exec()
     store.close()
     return script.exit_code if script is not None else code

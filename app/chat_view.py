@@ -176,6 +176,11 @@ class MessageWidget(QFrame):
             label.setWordWrap(True)
             label.setTextFormat(Qt.PlainText)
             label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            # A word-wrapped QLabel asks for less width than its text needs: give it the width of
+            # its longest line (in the style sheet's font), up to the bubble's limit.
+            label.ensurePolished()
+            widest = max(label.fontMetrics().horizontalAdvance(line) for line in text.splitlines() or [""])
+            label.setMinimumWidth(min(widest + 6, int(MAX_BUBBLE_WIDTH * 0.7)))
             self.body.addWidget(label)
             return
         for segment in split_markdown(text):
@@ -225,6 +230,7 @@ class ChatView(QScrollArea):
     """Scrollable column of messages, centred and at most MAX_BUBBLE_WIDTH wide."""
     edit_requested = Signal(int)
     regenerate_requested = Signal()
+    download_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -334,4 +340,9 @@ class ChatView(QScrollArea):
         text.setWordWrap(True)
         for widget in (logo, title, text):
             layout.addWidget(widget)
+        self.download_button = QPushButton("Download BitNet b1.58 2B4T…")
+        self.download_button.setCursor(Qt.PointingHandCursor)
+        self.download_button.clicked.connect(self.download_requested)
+        layout.addSpacing(8)
+        layout.addWidget(self.download_button, 0, Qt.AlignCenter)
         return box

@@ -44,6 +44,7 @@ class MainWindow(QMainWindow):
         self._models: list[dict] = []
         self._backends: dict | None = None
         self._streaming = None           # the MessageWidget of the reply being streamed
+        self.load_default_model = False  # set at start when no model was named: load the library's default
         self.setWindowTitle("Tern")
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
@@ -198,6 +199,8 @@ class MainWindow(QMainWindow):
         self.composer.stop_requested.connect(c.stop)
         self.chat.edit_requested.connect(self.edit_message)
         self.chat.regenerate_requested.connect(c.regenerate)
+        self.chat.download_requested.connect(self.open_downloads)
+        self.chat.download_button.setVisible(_has_module("app.download_dialog"))
         self.system_panel.prompt_changed.connect(c.set_system_prompt)
         self.system_panel.preset_saved.connect(self._save_preset)
         c.conversations_changed.connect(self.refresh_conversations)
@@ -352,6 +355,11 @@ class MainWindow(QMainWindow):
     def _models_listed(self, listing: dict) -> None:
         self._models = [m for m in listing.get("models", []) if m.get("exists", True) and m["kind"] != "unsupported"]
         self._fill_model_picker()
+        default = next((m for m in self._models if m["id"] == listing.get("default")), None)
+        if self.load_default_model and default and self.controller.model is None \
+                and self.controller.loading_path is None:
+            self.load_default_model = False
+            self.controller.load_model(default["path"])
 
     def _fill_model_picker(self) -> None:
         picker = self.model_picker
@@ -390,17 +398,24 @@ class MainWindow(QMainWindow):
             self.controller.inspect(path)
 
     def open_downloads(self) -> None:
-        from app import download_dialog
-        dialog = download_dialog.DownloadDialog(self)
+        from app.download_dialog import DownloadDialog
+        dialog = DownloadDialog(self)
+        dialog.installed.connect(self._model_installed)
         dialog.finished.connect(lambda *_: self.controller.host.list_models())
         dialog.open()
 
     def open_library(self) -> None:
-        from app import library_view
-        view = library_view.LibraryView(self)
-        if hasattr(view, "model_chosen"):
-            view.model_chosen.connect(self.controller.load_model)
-        view.show()
+        from app.library_view import LibraryView
+        view = LibraryView(self)
+        view.model_chosen.connect(self.controller.load_model)
+        view.changed.connect(self.controller.host.list_models)
+        view.open()
+
+    def _model_installed(self, entry: dict) -> None:
+        """A finished download: list it, and load it if nothing is loaded yet."""
+        self.controller.host.list_models()
+        if self.controller.model is None and self.controller.loading_path is None:
+            self.controller.load_model(entry["path"])
 
     def _model_loading(self, path: str) -> None:
         self.load_label.setText(f"Loading {Path(path).name}…")
