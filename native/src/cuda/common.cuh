@@ -1,0 +1,75 @@
+/* Shared definitions of the CUDA backend: device structs, launch helpers and the kernels'
+ * host-side entry points (each .cu file defines the launchers of its kernels). */
+#ifndef TERN_CUDA_COMMON_CUH
+#define TERN_CUDA_COMMON_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "../error.h"
+}
+#include "tern_cuda.h"
+
+/* Per-token activation quantization: x ~= q / s, and sum(q) (the T2 kernels multiply the
+ * unsigned codes w + 1 and subtract it). */
+struct act_meta {
+    float s;
+    int32_t sum;
+};
+
+/* Epilogues of the matrix kernels: v = float(acc) / s * scale[row] (BitLinear, the order of
+ * the CPU decoder), stored, added into the output, or the raw int32 dot (kernel tests). */
+enum epilogue { EPI_STORE = 0, EPI_ADD = 1, EPI_RAW = 2 };
+
+/* One weight matrix on the GPU. T2: packed codes, rows x cols/4 bytes; I8: rows x cols. */
+struct dmat {
+    const uint8_t *w;
+    int64_t rows, cols;
+    const float *scale; /* per row */
+};
+
+#define CUDA_TRY(call)                                                                      \
+    do {                                                                                    \
+        cudaError_t err_ = (call);                                                          \
+        if (err_ != cudaSuccess)                                                            \
+            return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: %s: %s (%s:%d)", #call,           \
+                             cudaGetErrorString(err_), __FILE__, __LINE__);                 \
+    } while (0)
+
+/* Status of the last launch (a bad configuration shows here, a fault at the next sync). */
+int32_t cuda_launch_status(const char *what);
+
+/* gemv.cu: one token. T2 (w packed) or I8 rows; out float (n_out = rows) or int32 (EPI_RAW). */
+int32_t launch_gemv_t2(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
+                       cudaStream_t st);
+int32_t launch_gemv_i8(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
+                       cudaStream_t st);
+/* f16 (half rows) or f32 rows times n float tokens xf (n x cols): out n x rows floats. */
+int32_t launch_gemv_float(const void *w, bool half_rows, int64_t rows, int64_t cols, const float *xf,
+                          int32_t n, float *out, cudaStream_t st);
+
+/* gemm.cu: n tokens (int8, row stride cols) with tensor cores; out[t * ldo + r]. */
+int32_t launch_gemm(const dmat &m, bool t2, const int8_t *xq, const act_meta *meta, int32_t n,
+                    void *out, int64_t ldo, int epi, cudaStream_t st);
+
+/* ops.cu */
+/* RMSNorm(x rows, w) then absmax int8 quantization of n rows of `width` (x row stride ldx);
+ * glu: x holds gate|up rows (2*width) and the normalized input is act(gate) * up.
+ * xf (optional): the normalized floats (f16/f32 LM head). */
+int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t width, float eps,
+                          int32_t n, bool glu, bool relu2, int8_t *xq, act_meta *meta, float *xf,
+                          cudaStream_t st);
+/* RoPE of q and k in qkv (n rows of qkv_dim) at positions *pos + t, k and v stored (f16) in
+ * the layer's caches (row stride kv_dim). */
+int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
+                          int32_t head_dim, const float *rope_cos, const float *rope_sin,
+                          const int32_t *pos, __half *k_cache, __half *v_cache, cudaStream_t st);
+/* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t]. */
+int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
+                         int32_t head_dim, const __half *k_cache, const __half *v_cache,
+                         const int32_t *pos, int32_t n_split, float *partial, float *out,
+                         cudaStream_t st);
+
+#endif

@@ -1,0 +1,58 @@
+/* The CUDA model and session structs (model.cu, session.cu, probe.cu). */
+#ifndef TERN_CUDA_MODEL_H
+#define TERN_CUDA_MODEL_H
+
+#include <atomic>
+
+#include "common.cuh"
+#include "host_view.h"
+
+#define TERN_CUDA_CHUNK 256   /* tokens per prefill chunk (scratch is sized for it) */
+#define TERN_CUDA_MAX_SPLIT 32 /* decode attention splits */
+
+enum head_kind { HEAD_I8 = 0, HEAD_F16 = 1, HEAD_F32 = 2 };
+
+struct cuda_layer {
+    dmat qkv, wo, gate_up, down; /* T2 codes; q|k|v and gate|up fused row-wise */
+    float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm;
+};
+
+struct tern_cuda_model {
+    hv_model hv;               /* sizes, and the embedding in the file mapping */
+    int64_t kv_dim, qkv_dim;
+    cuda_layer *layers;
+    float *output_norm;
+    dmat head;                 /* HEAD_I8: int8 rows + per-row scales; else f16/f32 rows */
+    int head_kind;
+    void **allocs;             /* every device allocation, freed with the model */
+    int32_t n_allocs, cap_allocs;
+    uint64_t bytes;
+};
+
+struct tern_cuda_session {
+    tern_cuda_model *m;
+    int32_t n_ctx, n_past;
+    cudaStream_t stream;
+    cudaGraphExec_t decode_graph; /* one-token step, captured at the first decode */
+    bool graph_tried;
+    __half *k_cache, *v_cache; /* n_layer x n_ctx x kv_dim */
+    float *x, *qkv, *h, *att, *xf, *partial, *logits, *rope_cos, *rope_sin;
+    int8_t *xq;
+    act_meta *meta;
+    int32_t *pos;              /* device: the chunk's first position (read by the graph) */
+    float *host_x;             /* pinned: TERN_CUDA_CHUNK x n_embd embedding rows */
+    int32_t *host_pos;         /* pinned */
+    std::atomic<int> cancel;
+};
+
+/* Device allocation recorded in the model (freed by tern_cuda_model_free). */
+int32_t model_alloc(tern_cuda_model *m, void **p, size_t bytes);
+
+/* Enqueue the decoder for n tokens (positions from s->pos) on s->stream; logits rows for
+ * tokens [t0, n) when want_logits. */
+int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0);
+
+int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, int32_t n, float *out,
+               int64_t ldo, int epi, cudaStream_t st);
+
+#endif

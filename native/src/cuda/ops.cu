@@ -1,0 +1,274 @@
+/* The float parts of the decoder step on the GPU, in the CPU decoder's operation order where
+ * it is element-wise (native/src/ops.c): RMSNorm + absmax int8 quantization (rounding half to
+ * even, like nearbyintf), the relu2/SiLU GLU, NeoX RoPE with the KV-cache store (f16, round to
+ * nearest even), and attention. Sums are tree reductions here, so norms and softmax differ
+ * from the CPU's pairwise sums in the last bits. */
+#include "common.cuh"
+
+namespace {
+
+constexpr int kNormThreads = 256;
+
+__device__ __forceinline__ float act(float g, bool relu2)
+{
+    if (relu2) {
+        const float r = g > 0.0f ? g : 0.0f;
+        return __fmul_rn(r, r);
+    }
+    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+}
+
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T *smem)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (int o = 16; o > 0; o >>= 1)
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads(); /* smem may still be read by the previous reduction */
+    if (lane == 0)
+        smem[warp] = v;
+    __syncthreads();
+    T r = smem[0];
+    for (int i = 1; i < nw; i++)
+        r = op(r, smem[i]);
+    return r;
+}
+
+struct add_f { __device__ float operator()(float a, float b) const { return a + b; } };
+struct max_f { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+struct add_i { __device__ int operator()(int a, int b) const { return a + b; } };
+
+template <bool GLU>
+__global__ void __launch_bounds__(kNormThreads)
+norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restrict__ w, int width,
+                  float eps, bool relu2, int8_t *__restrict__ xq, act_meta *__restrict__ meta,
+                  float *__restrict__ xf)
+{
+    __shared__ float sf[32];
+    __shared__ int si[32];
+    const int t = blockIdx.x;
+    const float *row = x + (int64_t)t * ldx;
+    auto value = [&](int i) {
+        return GLU ? __fmul_rn(act(row[i], relu2), row[width + i]) : row[i];
+    };
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float v = value(i);
+        ss = __fadd_rn(ss, __fmul_rn(v, v));
+    }
+    ss = block_reduce(ss, add_f(), sf);
+    const float r = sqrtf(__fadd_rn(__fdiv_rn(ss, (float)width), eps));
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        amax = fmaxf(amax, fabsf(__fmul_rn(__fdiv_rn(value(i), r), w[i])));
+    amax = block_reduce(amax, max_f(), sf);
+    const float s = __fdiv_rn(127.0f, amax > 1e-5f ? amax : 1e-5f);
+    int sum = 0;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        const float y = __fmul_rn(__fdiv_rn(value(i), r), w[i]);
+        const float q = fminf(fmaxf(rintf(__fmul_rn(y, s)), -128.0f), 127.0f);
+        xq[(int64_t)t * width + i] = (int8_t)q;
+        sum += (int)q;
+        if (xf)
+            xf[(int64_t)t * width + i] = y;
+    }
+    sum = block_reduce(sum, add_i(), si);
+    if (threadIdx.x == 0) {
+        meta[t].s = s;
+        meta[t].sum = sum;
+    }
+}
+
+/* grid (n, n_head + 2 n_head_kv), block head_dim/2: q and k heads rotated, k and v stored. */
+__global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
+                                  const float *__restrict__ rope_cos, const float *__restrict__ rope_sin,
+                                  const int32_t *__restrict__ pos0, __half *k_cache, __half *v_cache)
+{
+    const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = hd / 2;
+    const int64_t kv_dim = (int64_t)n_head_kv * hd, e = (int64_t)n_head * hd;
+    const int64_t pos = *pos0 + t;
+    float *row = qkv + (int64_t)t * (e + 2 * kv_dim);
+    if (h >= n_head + n_head_kv) {
+        const int vh = h - n_head - n_head_kv;
+        const float *src = row + e + kv_dim + (int64_t)vh * hd;
+        __half *dst = v_cache + pos * kv_dim + (int64_t)vh * hd;
+        dst[i] = __float2half_rn(src[i]);
+        dst[i + half] = __float2half_rn(src[i + half]);
+        return;
+    }
+    const bool is_k = h >= n_head;
+    float *xh = is_k ? row + e + (int64_t)(h - n_head) * hd : row + (int64_t)h * hd;
+    const float c = rope_cos[pos * half + i], s = rope_sin[pos * half + i];
+    const float x1 = xh[i], x2 = xh[i + half];
+    const float y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    const float y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    xh[i] = y1;
+    xh[i + half] = y2;
+    if (is_k) {
+        __half *dst = k_cache + pos * kv_dim + (int64_t)(h - n_head) * hd;
+        dst[i] = __float2half_rn(y1);
+        dst[i + half] = __float2half_rn(y2);
+    }
+}
+
+constexpr int kAttWarps = 4;
+
+template <int D>
+__device__ __forceinline__ void load_half(const __half *p, float (&f)[D])
+{
+    if constexpr (D % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) {
+            const float2 v = __half22float2(reinterpret_cast<const __half2 *>(p)[i]);
+            f[2 * i] = v.x;
+            f[2 * i + 1] = v.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < D; i++)
+            f[i] = __half2float(p[i]);
+    }
+}
+
+/* grid (n_head, n, n_split), 4 warps: split sp of the positions of query t, head h; each warp
+ * an online softmax over every 4th position (lane owns D = head_dim/32 dims). Writes
+ * (max, sum, out[head_dim]) unnormalized to partial. */
+template <int D>
+__global__ void __launch_bounds__(kAttWarps * 32)
+attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
+                 const __half *__restrict__ k_cache, const __half *__restrict__ v_cache,
+                 const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial)
+{
+    constexpr int HD = D * 32;
+    __shared__ float sm[kAttWarps], sl[kAttWarps], so[kAttWarps][HD];
+    const int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int64_t kv_dim = (int64_t)n_head_kv * HD, e = (int64_t)n_head * HD;
+    const int npos = *pos0 + t + 1;
+    const int chunk = (npos + nsplit - 1) / nsplit, p0 = sp * chunk;
+    const int p1 = min(npos, p0 + chunk);
+    const int grp = h / (n_head / n_head_kv);
+    float q[D], o[D];
+    const float *qrow = qkv + (int64_t)t * (e + 2 * kv_dim) + (int64_t)h * HD + lane * D;
+#pragma unroll
+    for (int i = 0; i < D; i++) {
+        q[i] = qrow[i];
+        o[i] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    const __half *kb = k_cache + (int64_t)grp * HD + lane * D;
+    const __half *vb = v_cache + (int64_t)grp * HD + lane * D;
+    for (int p = p0 + warp; p < p1; p += kAttWarps) {
+        float kf[D], vf[D];
+        load_half<D>(kb + (int64_t)p * kv_dim, kf);
+        load_half<D>(vb + (int64_t)p * kv_dim, vf);
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < D; i++)
+            dot = fmaf(q[i], kf[i], dot);
+        for (int off = 16; off > 0; off >>= 1)
+            dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        const float sc = dot * scale;
+        const float mn = fmaxf(m, sc);
+        const float corr = expf(m - mn), pe = expf(sc - mn);
+        l = l * corr + pe;
+#pragma unroll
+        for (int i = 0; i < D; i++)
+            o[i] = o[i] * corr + pe * vf[i];
+        m = mn;
+    }
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < D; i++)
+        so[warp][lane * D + i] = o[i];
+    __syncthreads();
+    float M = sm[0];
+    for (int w = 1; w < kAttWarps; w++)
+        M = fmaxf(M, sm[w]);
+    float *dst = partial + (((int64_t)t * n_head + h) * nsplit + sp) * (HD + 2);
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float acc = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < kAttWarps; w++)
+                acc += so[w][d] * expf(sm[w] - M);
+        dst[2 + d] = acc;
+    }
+    if (threadIdx.x == 0) {
+        float L = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < kAttWarps; w++)
+                L += sl[w] * expf(sm[w] - M);
+        dst[0] = M;
+        dst[1] = L;
+    }
+}
+
+/* grid (n_head, n), block head_dim: merge the splits and normalize into out (n x n_embd). */
+__global__ void attention_combine_kernel(const float *__restrict__ partial, int n_head, int hd,
+                                         int nsplit, float *__restrict__ out)
+{
+    const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
+    const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++)
+        M = fmaxf(M, src[s * (hd + 2)]);
+    float L = 0.0f, acc = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        const float *p = src + s * (hd + 2);
+        if (p[0] == -INFINITY)
+            continue;
+        const float f = expf(p[0] - M);
+        L += p[1] * f;
+        acc += p[2 + d] * f;
+    }
+    out[(int64_t)t * n_head * hd + (int64_t)h * hd + d] = acc / L;
+}
+
+} // namespace
+
+int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t width, float eps,
+                          int32_t n, bool glu, bool relu2, int8_t *xq, act_meta *meta, float *xf,
+                          cudaStream_t st)
+{
+    if (glu)
+        norm_quant_kernel<true><<<n, kNormThreads, 0, st>>>(x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
+    else
+        norm_quant_kernel<false><<<n, kNormThreads, 0, st>>>(x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
+    return cuda_launch_status("norm_quant");
+}
+
+int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
+                          int32_t head_dim, const float *rope_cos, const float *rope_sin,
+                          const int32_t *pos, __half *k_cache, __half *v_cache, cudaStream_t st)
+{
+    const dim3 grid((unsigned)n, (unsigned)(n_head + 2 * n_head_kv));
+    rope_store_kernel<<<grid, head_dim / 2, 0, st>>>(qkv, n_head, n_head_kv, head_dim, rope_cos, rope_sin,
+                                                     pos, k_cache, v_cache);
+    return cuda_launch_status("rope_store");
+}
+
+int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
+                         int32_t head_dim, const __half *k_cache, const __half *v_cache,
+                         const int32_t *pos, int32_t n_split, float *partial, float *out,
+                         cudaStream_t st)
+{
+    const dim3 grid((unsigned)n_head, (unsigned)n, (unsigned)n_split);
+    const float scale = (float)(1.0 / sqrt((double)head_dim));
+    switch (head_dim) {
+    case 32: attention_kernel<1><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 64: attention_kernel<2><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 128: attention_kernel<4><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 256: attention_kernel<8><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    default:
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
+    }
+    int32_t status = cuda_launch_status("attention");
+    if (status != TERN_OK)
+        return status;
+    attention_combine_kernel<<<dim3((unsigned)n_head, (unsigned)n), head_dim, 0, st>>>(partial, n_head, head_dim,
+                                                                                       n_split, out);
+    return cuda_launch_status("attention_combine");
+}

@@ -1,0 +1,258 @@
+/* tern_cuda_session: KV cache and scratch on the GPU, the decoder step enqueued on one stream,
+ * and the one-token step captured once as a CUDA graph and replayed for every decoded token. */
+#include <new>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, int32_t n, float *out,
+               int64_t ldo, int epi, cudaStream_t st)
+{
+    if (n == 1)
+        return t2 ? launch_gemv_t2(w, xq, meta, out, epi, st) : launch_gemv_i8(w, xq, meta, out, epi, st);
+    return launch_gemm(w, t2, xq, meta, n, out, ldo, epi, st);
+}
+
+#define TRY(expr)                   \
+    do {                            \
+        const int32_t st_ = (expr); \
+        if (st_ != TERN_OK)         \
+            return st_;             \
+    } while (0)
+
+static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
+{
+    const tern_cuda_model *m = s->m;
+    const hv_model *h = &m->hv;
+    const cuda_layer *L = &m->layers[l];
+    const int64_t e = h->n_embd, ff = h->n_ff;
+    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim;
+    const bool relu2 = h->activation == TERN_ACT_RELU2;
+    const int32_t nsplit = n >= TERN_CUDA_MAX_SPLIT ? 1 : TERN_CUDA_MAX_SPLIT / n;
+    cudaStream_t st = s->stream;
+    TRY(launch_norm_quant(s->x, e, L->attn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
+    TRY(matmul(L->qkv, true, s->xq, s->meta, n, s->qkv, m->qkv_dim, EPI_STORE, st));
+    TRY(launch_rope_store(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->rope_cos, s->rope_sin, s->pos,
+                          s->k_cache + cache_at, s->v_cache + cache_at, st));
+    TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                         s->v_cache + cache_at, s->pos, nsplit, s->partial, s->att, st));
+    TRY(launch_norm_quant(s->att, e, L->attn_sub_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
+    TRY(matmul(L->wo, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st));
+    TRY(launch_norm_quant(s->x, e, L->ffn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
+    TRY(matmul(L->gate_up, true, s->xq, s->meta, n, s->h, 2 * ff, EPI_STORE, st));
+    TRY(launch_norm_quant(s->h, 2 * ff, L->ffn_sub_norm, ff, h->rms_eps, n, true, relu2, s->xq, s->meta, NULL, st));
+    return matmul(L->down, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st);
+}
+
+int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0)
+{
+    const tern_cuda_model *m = s->m;
+    const hv_model *h = &m->hv;
+    for (int32_t l = 0; l < h->n_layer; l++)
+        TRY(enqueue_layer(s, l, n));
+    if (!want_logits)
+        return TERN_OK;
+    const int64_t e = h->n_embd;
+    const int32_t nt = n - t0;
+    TRY(launch_norm_quant(s->x + t0 * e, e, m->output_norm, e, h->rms_eps, nt, false, false, s->xq, s->meta,
+                          m->head_kind == HEAD_I8 ? NULL : s->xf, s->stream));
+    if (m->head_kind == HEAD_I8)
+        return matmul(m->head, false, s->xq, s->meta, nt, s->logits, h->n_vocab, EPI_STORE, s->stream);
+    return launch_gemv_float(m->head.w, m->head_kind == HEAD_F16, h->n_vocab, e, s->xf, nt, s->logits, s->stream);
+}
+
+static int32_t session_alloc(tern_cuda_session *s)
+{
+    tern_cuda_model *m = s->m;
+    const hv_model *h = &m->hv;
+    const size_t T = TERN_CUDA_CHUNK, e = (size_t)h->n_embd, ff = (size_t)h->n_ff, half = (size_t)h->head_dim / 2;
+    const size_t kv = (size_t)h->n_layer * (size_t)s->n_ctx * (size_t)m->kv_dim;
+    const size_t width = e > ff ? e : ff;
+    const size_t partial = (T > TERN_CUDA_MAX_SPLIT ? T : TERN_CUDA_MAX_SPLIT) * (size_t)h->n_head * ((size_t)h->head_dim + 2);
+    struct { void **p; size_t bytes; } want[] = {
+        {(void **)&s->k_cache, kv * 2}, {(void **)&s->v_cache, kv * 2},
+        {(void **)&s->x, T * e * 4}, {(void **)&s->qkv, T * (size_t)m->qkv_dim * 4},
+        {(void **)&s->h, T * 2 * ff * 4}, {(void **)&s->att, T * e * 4}, {(void **)&s->xf, T * e * 4},
+        {(void **)&s->partial, partial * 4}, {(void **)&s->logits, T * (size_t)h->n_vocab * 4},
+        {(void **)&s->rope_cos, (size_t)s->n_ctx * half * 4}, {(void **)&s->rope_sin, (size_t)s->n_ctx * half * 4},
+        {(void **)&s->xq, T * width}, {(void **)&s->meta, T * sizeof(act_meta)}, {(void **)&s->pos, 4},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        if (cudaMalloc(want[i].p, want[i].bytes) != cudaSuccess) {
+            *want[i].p = NULL;
+            return tern_fail(TERN_ERR_NOMEM, "cuda session: cannot allocate %zu bytes of device memory "
+                             "(%d positions)", want[i].bytes, s->n_ctx);
+        }
+    CUDA_TRY(cudaMallocHost((void **)&s->host_x, T * e * 4));
+    CUDA_TRY(cudaMallocHost((void **)&s->host_pos, 4));
+    /* RoPE tables for every position, computed as the CPU decoder computes them */
+    float *c = (float *)malloc((size_t)s->n_ctx * half * 4), *sn = (float *)malloc((size_t)s->n_ctx * half * 4);
+    int32_t st = TERN_OK;
+    if (!c || !sn)
+        st = tern_fail(TERN_ERR_NOMEM, "out of memory");
+    for (int32_t p = 0; st == TERN_OK && p < s->n_ctx; p++)
+        hv_rope_table(p, h->head_dim, (double)h->rope_theta, c + p * half, sn + p * half);
+    if (st == TERN_OK && (cudaMemcpy(s->rope_cos, c, (size_t)s->n_ctx * half * 4, cudaMemcpyHostToDevice) != cudaSuccess ||
+                          cudaMemcpy(s->rope_sin, sn, (size_t)s->n_ctx * half * 4, cudaMemcpyHostToDevice) != cudaSuccess))
+        st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: copying RoPE tables");
+    free(c);
+    free(sn);
+    return st;
+}
+
+extern "C" int32_t tern_cuda_session_create(tern_cuda_model *m, int32_t n_ctx, tern_cuda_session **out)
+{
+    if (!m || !out)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_create: NULL argument");
+    *out = NULL;
+    if (n_ctx < 1 || n_ctx > (1 << 24))
+        return tern_fail(TERN_ERR_INVALID, "n_ctx %d out of range", n_ctx);
+    tern_cuda_session *s = new (std::nothrow) tern_cuda_session();
+    if (!s)
+        return tern_fail(TERN_ERR_NOMEM, "out of memory");
+    s->m = m;
+    s->n_ctx = n_ctx;
+    int32_t st = TERN_OK;
+    if (cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking) != cudaSuccess)
+        st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: cannot create a stream");
+    if (st == TERN_OK)
+        st = session_alloc(s);
+    if (st != TERN_OK) {
+        tern_cuda_session_free(s);
+        return st;
+    }
+    *out = s;
+    return TERN_OK;
+}
+
+extern "C" void tern_cuda_session_free(tern_cuda_session *s)
+{
+    if (!s)
+        return;
+    if (s->decode_graph)
+        cudaGraphExecDestroy(s->decode_graph);
+    void *dev[] = {s->k_cache, s->v_cache, s->x, s->qkv, s->h, s->att, s->xf, s->partial, s->logits,
+                   s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        cudaFree(dev[i]);
+    cudaFreeHost(s->host_x);
+    cudaFreeHost(s->host_pos);
+    if (s->stream)
+        cudaStreamDestroy(s->stream);
+    delete s;
+}
+
+extern "C" int32_t tern_cuda_session_n_past(const tern_cuda_session *s) { return s ? s->n_past : 0; }
+
+extern "C" int32_t tern_cuda_session_truncate(tern_cuda_session *s, int32_t n)
+{
+    if (!s)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_truncate: NULL session");
+    if (n < 0 || n > s->n_past)
+        return tern_fail(TERN_ERR_INVALID, "truncate(%d) outside [0, %d]", n, s->n_past);
+    s->n_past = n;
+    return TERN_OK;
+}
+
+extern "C" int32_t tern_cuda_session_copy(tern_cuda_session *dst, const tern_cuda_session *src)
+{
+    if (!dst || !src)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_copy: NULL session");
+    if (dst->m != src->m)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_copy: sessions of different models");
+    if (src->n_past > dst->n_ctx)
+        return tern_fail(TERN_ERR_CONTEXT, "tern_cuda_session_copy: %d positions do not fit a context of %d",
+                         src->n_past, dst->n_ctx);
+    const size_t row = (size_t)src->m->kv_dim, bytes = row * (size_t)src->n_past * 2;
+    for (int32_t l = 0; l < src->m->hv.n_layer; l++) {
+        const size_t so = (size_t)l * (size_t)src->n_ctx * row, d0 = (size_t)l * (size_t)dst->n_ctx * row;
+        CUDA_TRY(cudaMemcpy(dst->k_cache + d0, src->k_cache + so, bytes, cudaMemcpyDeviceToDevice));
+        CUDA_TRY(cudaMemcpy(dst->v_cache + d0, src->v_cache + so, bytes, cudaMemcpyDeviceToDevice));
+    }
+    dst->n_past = src->n_past;
+    return TERN_OK;
+}
+
+extern "C" void tern_cuda_cancel(tern_cuda_session *s)
+{
+    if (s)
+        s->cancel.store(1);
+}
+
+static bool graphs_enabled(void)
+{
+    const char *env = getenv("TERN_CUDA_GRAPH");
+    return !(env && strcmp(env, "0") == 0);
+}
+
+/* The one-token step as a graph; a failed capture leaves decode on plain launches. */
+static void capture_decode(tern_cuda_session *s)
+{
+    s->graph_tried = true;
+    if (!graphs_enabled())
+        return;
+    cudaGraph_t graph = NULL;
+    if (cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess)
+        return;
+    const int32_t st = enqueue_forward(s, 1, true, 0);
+    const cudaError_t end = cudaStreamEndCapture(s->stream, &graph);
+    if (st == TERN_OK && end == cudaSuccess && graph &&
+        cudaGraphInstantiate(&s->decode_graph, graph, 0) != cudaSuccess)
+        s->decode_graph = NULL;
+    if (graph)
+        cudaGraphDestroy(graph);
+    cudaGetLastError(); /* a failed capture is not an error of the next call */
+}
+
+static int32_t forward_chunk(tern_cuda_session *s, const int32_t *tokens, int32_t n, float *logits, bool all)
+{
+    const tern_cuda_model *m = s->m;
+    const int64_t e = m->hv.n_embd, V = m->hv.n_vocab;
+    hv_embed_rows(&m->hv.embd, tokens, n, s->host_x);
+    *s->host_pos = s->n_past;
+    CUDA_TRY(cudaMemcpyAsync(s->x, s->host_x, (size_t)(n * e) * 4, cudaMemcpyHostToDevice, s->stream));
+    CUDA_TRY(cudaMemcpyAsync(s->pos, s->host_pos, 4, cudaMemcpyHostToDevice, s->stream));
+    if (n == 1 && logits && !s->graph_tried)
+        capture_decode(s);
+    if (n == 1 && logits && s->decode_graph)
+        CUDA_TRY(cudaGraphLaunch(s->decode_graph, s->stream));
+    else
+        TRY(enqueue_forward(s, n, logits != NULL, all ? 0 : n - 1));
+    if (logits)
+        CUDA_TRY(cudaMemcpyAsync(logits, s->logits, (size_t)((all ? n : 1) * V) * 4, cudaMemcpyDeviceToHost,
+                                 s->stream));
+    CUDA_TRY(cudaStreamSynchronize(s->stream));
+    return TERN_OK;
+}
+
+extern "C" int32_t tern_cuda_forward(tern_cuda_session *s, const int32_t *tokens, int32_t n, float *out_logits,
+                                     int32_t all_logits)
+{
+    if (!s || !tokens || !out_logits || n < 1)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_forward: NULL argument or n = %d", n);
+    if (n > s->n_ctx - s->n_past)
+        return tern_fail(TERN_ERR_CONTEXT, "%d cached + %d new tokens exceed the context of %d", s->n_past, n,
+                         s->n_ctx);
+    for (int32_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= s->m->hv.n_vocab)
+            return tern_fail(TERN_ERR_INVALID, "token id %d at %d outside [0, %d)", tokens[i], i, s->m->hv.n_vocab);
+    s->cancel.store(0);
+    const int32_t start = s->n_past;
+    for (int32_t c = 0; c < n; c += TERN_CUDA_CHUNK) {
+        if (s->cancel.load()) {
+            s->n_past = start;
+            return tern_fail(TERN_ERR_CANCELLED, "cancelled");
+        }
+        const int32_t len = n - c < TERN_CUDA_CHUNK ? n - c : TERN_CUDA_CHUNK;
+        const bool last = c + len == n;
+        float *logits = all_logits ? out_logits + (size_t)c * (size_t)s->m->hv.n_vocab : (last ? out_logits : NULL);
+        const int32_t st = forward_chunk(s, tokens + c, len, logits, all_logits != 0);
+        if (st != TERN_OK) {
+            s->n_past = start;
+            return st;
+        }
+        s->n_past += len;
+    }
+    return TERN_OK;
+}
