@@ -31,16 +31,25 @@ static void trace(const job *j, const char *name, int32_t layer, const float *da
     j->s->trace(j->s->trace_user, name, layer, data, n, (int32_t)w);
 }
 
-/* Rows of in (n x width, stride ld) normalized with w, then quantized into this thread's buffers. */
+/* Rows t0..n of in (stride ld) normalized with w, then quantized; sets ts->in_*. */
 static void norm_quant(const job *j, thread_scratch *ts, const float *in, int64_t ld, const float *w,
                        int64_t width, int32_t t0)
 {
-    const float eps = j->s->m->rms_eps;
-    for (int32_t t = t0; t < j->n; t++) {
-        float *xf = ts->xf + (t - t0) * width;
-        tern_rms_norm(in + t * ld, w, width, eps, xf);
-        ts->xs[t - t0] = tern_quantize_row(xf, width, ts->xq + (t - t0) * width);
+    tern_session *s = j->s;
+    const float eps = s->m->rms_eps;
+    const bool shared = j->n - t0 > 1;
+    float *xf = shared ? s->xf : ts->xf, *xs = shared ? s->xs : ts->xs;
+    int8_t *xq = shared ? s->xq : ts->xq;
+    const int32_t step = shared ? ts->nth : 1;
+    for (int32_t t = t0 + (shared ? ts->ith : 0); t < j->n; t += step) {
+        tern_rms_norm(in + t * ld, w, width, eps, xf + (t - t0) * width);
+        xs[t - t0] = tern_quantize_row(xf + (t - t0) * width, width, xq + (t - t0) * width);
     }
+    if (shared)
+        tern_pool_barrier(s->pool);
+    ts->in_q = xq;
+    ts->in_s = xs;
+    ts->in_f = xf;
 }
 
 /* acc[t * nr + i] = rows r0..r0+nr of w times this thread's quantized tokens. */
@@ -49,13 +58,38 @@ static void t2_rows(const job *j, thread_scratch *ts, const t2_matrix *w, int64_
     const tern_kernels *k = j->s->m->kern;
     const uint8_t *wp = w->codes + r0 * tern_t2_row_bytes(w->cols);
     if (j->n == 1)
-        k->gemv_t2(wp, w->cols, ts->xq, ts->acc, 0, nr);
+        k->gemv_t2(wp, w->cols, ts->in_q, ts->acc, 0, nr);
     else
-        k->gemm_t2(wp, w->cols, ts->xq, w->cols, j->n, ts->acc, nr, 0, nr, ts->gemm);
+        k->gemm_t2(wp, w->cols, ts->in_q, w->cols, j->n, ts->acc, nr, 0, nr, ts->gemm);
 }
 
-/* BitLinear's output scaling, in the reference's order: float(acc) / s * scale. */
+/* BitLinear's output scaling, in the reference's order: float(acc) / s * scale. The row loops
+ * below are branch-free over restrict pointers so that the compiler vectorizes them. */
 static inline float bitlinear_out(int32_t acc, float s, float scale) { return (float)acc / s * scale; }
+
+enum out_mode { OUT_SET, OUT_ADD, OUT_RELU2, OUT_SILU, OUT_MUL };
+
+static void store_rows(const int32_t *restrict acc, float s, float scale, float *restrict out,
+                       int64_t nr, enum out_mode mode)
+{
+    switch (mode) {
+    case OUT_SET:
+        for (int64_t i = 0; i < nr; i++) out[i] = bitlinear_out(acc[i], s, scale);
+        break;
+    case OUT_ADD:
+        for (int64_t i = 0; i < nr; i++) out[i] += bitlinear_out(acc[i], s, scale);
+        break;
+    case OUT_RELU2:
+        for (int64_t i = 0; i < nr; i++) out[i] = tern_relu2(bitlinear_out(acc[i], s, scale));
+        break;
+    case OUT_SILU:
+        for (int64_t i = 0; i < nr; i++) out[i] = tern_silu(bitlinear_out(acc[i], s, scale));
+        break;
+    case OUT_MUL:
+        for (int64_t i = 0; i < nr; i++) out[i] *= bitlinear_out(acc[i], s, scale);
+        break;
+    }
+}
 
 static void qkv_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
 {
@@ -72,8 +106,7 @@ static void qkv_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t p
         t2_rows(j, ts, w, r0, hd);
         for (int32_t t = 0; t < j->n; t++) {
             float *out = s->qkv + t * s->qkv_dim + col;
-            for (int64_t i = 0; i < hd; i++)
-                out[i] = bitlinear_out(ts->acc[t * hd + i], ts->xs[t], w->scale);
+            store_rows(ts->acc + t * hd, ts->in_s[t], w->scale, out, hd, OUT_SET);
             if (kind != 2)
                 tern_rope_head(out, (int32_t)hd, s->rope_cos + t * half, s->rope_sin + t * half);
             if (kind != 0) {
@@ -186,10 +219,7 @@ static void rows_phase(const job *j, thread_scratch *ts, const t2_matrix *w, flo
         const int64_t r0 = it * ROW_CHUNK, nr = w->rows - r0 < ROW_CHUNK ? w->rows - r0 : ROW_CHUNK;
         t2_rows(j, ts, w, r0, nr);
         for (int32_t t = 0; t < j->n; t++)
-            for (int64_t i = 0; i < nr; i++) {
-                const float v = bitlinear_out(ts->acc[t * nr + i], ts->xs[t], w->scale);
-                dst[t * ld + r0 + i] = add ? dst[t * ld + r0 + i] + v : v;
-            }
+            store_rows(ts->acc + t * nr, ts->in_s[t], w->scale, dst + t * ld + r0, nr, add ? OUT_ADD : OUT_SET);
     }
 }
 
@@ -202,14 +232,11 @@ static void gate_up_phase(const job *j, thread_scratch *ts, const model_layer *L
         const int64_t r0 = it * ROW_CHUNK, nr = ff - r0 < ROW_CHUNK ? ff - r0 : ROW_CHUNK;
         t2_rows(j, ts, &L->w_gate, r0, nr);
         for (int32_t t = 0; t < j->n; t++)
-            for (int64_t i = 0; i < nr; i++) {
-                const float g = bitlinear_out(ts->acc[t * nr + i], ts->xs[t], L->w_gate.scale);
-                s->ffn[t * ff + r0 + i] = relu2 ? tern_relu2(g) : tern_silu(g);
-            }
+            store_rows(ts->acc + t * nr, ts->in_s[t], L->w_gate.scale, s->ffn + t * ff + r0, nr,
+                       relu2 ? OUT_RELU2 : OUT_SILU);
         t2_rows(j, ts, &L->w_up, r0, nr);
         for (int32_t t = 0; t < j->n; t++)
-            for (int64_t i = 0; i < nr; i++)
-                s->ffn[t * ff + r0 + i] *= bitlinear_out(ts->acc[t * nr + i], ts->xs[t], L->w_up.scale);
+            store_rows(ts->acc + t * nr, ts->in_s[t], L->w_up.scale, s->ffn + t * ff + r0, nr, OUT_MUL);
     }
 }
 
@@ -236,7 +263,7 @@ static void layer_job(const job *j, thread_scratch *ts, int32_t layer, bool tr)
     const int32_t ph = layer * 5;
 
     norm_quant(j, ts, s->x, e, L->attn_norm, e, 0);
-    if (tr) trace(j, "attn_norm", layer, ts->xf, j->n, e);
+    if (tr) trace(j, "attn_norm", layer, ts->in_f, j->n, e);
     qkv_phase(j, ts, layer, ph);
     tern_pool_barrier(s->pool);
     if (tr) trace_qkv(j, ts, layer);
@@ -246,18 +273,18 @@ static void layer_job(const job *j, thread_scratch *ts, int32_t layer, bool tr)
     if (tr) trace(j, "attn", layer, s->att, j->n, e);
 
     norm_quant(j, ts, s->att, e, L->attn_sub_norm, e, 0);
-    if (tr) trace(j, "attn_sub_norm", layer, ts->xf, j->n, e);
+    if (tr) trace(j, "attn_sub_norm", layer, ts->in_f, j->n, e);
     rows_phase(j, ts, &L->wo, s->x, e, true, ph + 2);
     tern_pool_barrier(s->pool);
 
     norm_quant(j, ts, s->x, e, L->ffn_norm, e, 0);
-    if (tr) trace(j, "ffn_norm", layer, ts->xf, j->n, e);
+    if (tr) trace(j, "ffn_norm", layer, ts->in_f, j->n, e);
     gate_up_phase(j, ts, L, ph + 3);
     tern_pool_barrier(s->pool);
     if (tr) trace(j, "ffn_act", layer, s->ffn, j->n, ff);
 
     norm_quant(j, ts, s->ffn, ff, L->ffn_sub_norm, ff, 0);
-    if (tr) trace(j, "ffn_sub_norm", layer, ts->xf, j->n, ff);
+    if (tr) trace(j, "ffn_sub_norm", layer, ts->in_f, j->n, ff);
     rows_phase(j, ts, &L->w_down, s->x, e, true, ph + 4);
     tern_pool_barrier(s->pool);
     if (tr) trace(j, "out", layer, s->x, j->n, e);
@@ -271,18 +298,22 @@ static void head_item(const job *j, thread_scratch *ts, int64_t r0, int64_t nr, 
     if (m->lm_head == TERN_LM_HEAD_INT8) {
         const int8_t *w = m->head_q + r0 * e;
         if (nt == 1)
-            m->kern->gemv_i8(w, e, ts->xq, ts->acc, 0, nr);
+            m->kern->gemv_i8(w, e, ts->in_q, ts->acc, 0, nr);
         else
-            m->kern->gemm_i8(w, e, ts->xq, e, nt, ts->acc, nr, 0, nr, ts->gemm);
-        for (int32_t t = 0; t < nt; t++)
+            m->kern->gemm_i8(w, e, ts->in_q, e, nt, ts->acc, nr, 0, nr, ts->gemm);
+        for (int32_t t = 0; t < nt; t++) {
+            const int32_t *restrict acc = ts->acc + t * nr;
+            const float *restrict hs = m->head_scale + r0;
+            float *restrict out = j->logits + t * V + r0;
             for (int64_t i = 0; i < nr; i++)
-                j->logits[t * V + r0 + i] = bitlinear_out(ts->acc[t * nr + i], ts->xs[t], m->head_scale[r0 + i]);
+                out[i] = bitlinear_out(acc[i], ts->in_s[t], hs[i]);
+        }
         return;
     }
     const uint8_t *rows = m->head.data + r0 * m->head.row_bytes;
     if (m->head.type == TERN_TYPE_F16 && ((uintptr_t)rows & 1) == 0) {
         for (int32_t t = 0; t < nt; t++)
-            m->kern->gemv_f16((const uint16_t *)(const void *)rows, e, ts->xf + t * e, j->logits + t * V + r0, 0, nr);
+            m->kern->gemv_f16((const uint16_t *)(const void *)rows, e, ts->in_f + t * e, j->logits + t * V + r0, 0, nr);
         return;
     }
     for (int64_t i = 0; i < nr; i++) {
@@ -290,7 +321,7 @@ static void head_item(const job *j, thread_scratch *ts, int64_t r0, int64_t nr, 
         for (int32_t t = 0; t < nt; t++) {
             float acc = 0.0f;
             for (int64_t c = 0; c < e; c++)
-                acc += ts->row[c] * ts->xf[t * e + c];
+                acc += ts->row[c] * ts->in_f[t * e + c];
             j->logits[t * V + r0 + i] = acc;
         }
     }
@@ -301,7 +332,7 @@ static void head_job(const job *j, thread_scratch *ts, bool tr)
     const tern_model *m = j->s->m;
     const int32_t t0 = j->all ? 0 : j->n - 1, phase = m->n_layer * 5;
     norm_quant(j, ts, j->s->x, m->n_embd, m->output_norm, m->n_embd, t0);
-    if (tr) trace(j, "output_norm", -1, ts->xf, j->n - t0, m->n_embd);
+    if (tr) trace(j, "output_norm", -1, ts->in_f, j->n - t0, m->n_embd);
     const int64_t items = (m->n_vocab + HEAD_CHUNK - 1) / HEAD_CHUNK;
     for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase)) {
         const int64_t r0 = it * HEAD_CHUNK;
@@ -313,6 +344,8 @@ static void chunk_job(void *ctx, int ith, int nth)
 {
     const job *j = ctx;
     thread_scratch *ts = &j->s->ts[ith];
+    ts->ith = ith;
+    ts->nth = nth;
     const bool tr = ith == 0 && j->s->trace;
     for (int32_t l = 0; l < j->s->m->n_layer; l++)
         layer_job(j, ts, l, tr);

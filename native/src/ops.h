@@ -2,6 +2,7 @@
 #ifndef TERN_OPS_H
 #define TERN_OPS_H
 
+#include <math.h>
 #include <stdint.h>
 
 /* y = x / sqrt(mean(x^2) + eps) * w (float32 throughout; y is scratch first: y != x). */
@@ -20,7 +21,14 @@ void tern_rope_head(float *x, int32_t d, const float *cos_t, const float *sin_t)
 /* cos/sin of pos * theta^(-2i/d), computed in double and rounded to float. */
 void tern_rope_table(int64_t pos, int32_t d, double theta, float *cos_t, float *sin_t);
 
-float tern_relu2(float x);
+/* Inline so that the per-element epilogues around the GEMMs vectorize (H4b, measured: the
+ * out-of-line call was 7% of a 2B4T prompt). */
+static inline float tern_relu2(float x)
+{
+    const float r = x > 0.0f ? x : 0.0f;
+    return r * r;
+}
+
 float tern_silu(float x);
 
 #endif

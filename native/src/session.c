@@ -90,12 +90,15 @@ static int32_t alloc_shared(tern_session *s)
     s->qkv = zalloc(T * (size_t)s->qkv_dim * sizeof(float), &total);
     s->att = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
     s->ffn = zalloc(T * (size_t)m->n_ff * sizeof(float), &total);
+    s->xq = zalloc(T * (size_t)s->width, &total);
+    s->xs = zalloc(T * sizeof(float), &total);
+    s->xf = zalloc(T * (size_t)s->width * sizeof(float), &total);
     s->rope_cos = zalloc(T * (size_t)m->head_dim / 2 * sizeof(float), &total);
     s->rope_sin = zalloc(T * (size_t)m->head_dim / 2 * sizeof(float), &total);
     s->n_phases = m->n_layer * 5 + 1;
     s->work = zalloc((size_t)s->n_phases * sizeof(*s->work), &total);
     if (!s->k_cache || !s->v_cache || !s->x || !s->qkv || !s->att || !s->ffn || !s->rope_cos ||
-        !s->rope_sin || !s->work)
+        !s->rope_sin || !s->work || !s->xq || !s->xs || !s->xf)
         return tern_fail(TERN_ERR_NOMEM, "session: cannot allocate the KV cache and scratch "
                          "(%d positions)", s->n_ctx);
     return TERN_OK;
@@ -140,7 +143,7 @@ void tern_session_free(tern_session *s)
     tern_pool_free(s->pool);
     free_scratch(s);
     free(s->k_cache); free(s->v_cache); free(s->x); free(s->qkv); free(s->att); free(s->ffn);
-    free(s->rope_cos); free(s->rope_sin); free(s->work);
+    free(s->rope_cos); free(s->rope_sin); free(s->work); free(s->xq); free(s->xs); free(s->xf);
     free(s);
 }
 

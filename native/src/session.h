@@ -19,6 +19,12 @@ typedef struct thread_scratch {
     void *gemm;      /* TERN_GEMM_SCRATCH_BYTES, 64-aligned */
     float *scores;   /* n_ctx attention weights */
     float *row;      /* n_embd: a dequantized LM-head row */
+    /* The current phase's input, set by norm_quant: this thread's own buffers above (one
+     * token: every thread quantizes it, no barrier) or the session's shared ones (a prompt
+     * chunk: threads split the tokens, then one barrier). */
+    const int8_t *in_q;
+    const float *in_s, *in_f;
+    int ith, nth;
 } thread_scratch;
 
 struct tern_session {
@@ -32,6 +38,9 @@ struct tern_session {
     float *qkv;      /* TERN_CHUNK x qkv_dim: q, k, v after RoPE */
     float *att;      /* TERN_CHUNK x n_embd: attention output */
     float *ffn;      /* TERN_CHUNK x n_ff: act(gate) * up */
+    int8_t *xq;      /* TERN_CHUNK x width: a prompt chunk's quantized phase input */
+    float *xs;       /* TERN_CHUNK: its activation scales */
+    float *xf;       /* TERN_CHUNK x width: its normalized floats */
     float *rope_cos, *rope_sin; /* TERN_CHUNK x head_dim/2 */
     _Atomic int64_t *work;      /* next work item, one counter per phase */
     int32_t n_phases;
