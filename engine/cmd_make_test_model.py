@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.testmodel import EMBEDDING_FORMATS, FORMATS, SHAPES, make_test_model
 
@@ -21,6 +22,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    make_test_model(args.out, args.format, args.shape, args.seed, tokenizer_dir=args.tokenizer,
-                    embedding_type=args.embedding_type)
+    try:
+        path = make_test_model(args.out, args.format, args.shape, args.seed, tokenizer_dir=args.tokenizer,
+                               embedding_type=args.embedding_type)
+    except OSError as e:
+        sys.stderr.write(f"error: cannot write {args.out}: {e.strerror or e}\n")
+        return 2
+    sys.stdout.write(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)\n")
     return 0
