@@ -348,7 +348,8 @@ def _tq_scale(f: GGUFFile, name: str, t: TensorInfo, raw: memoryview) -> float:
     n = t.n_elements
     d = quants.tq_block_scales(raw, n, t.ggml_type)
     distinct = np.unique(d[d != 0])
-    if distinct.size > 1:
+    if distinct.size > 1 or (distinct.size == 1 and (d == 0).any()):
+        # decide by the blocks that hold weights (a d = 0 block with non-zero codes counts too)
         unpack = quants.unpack_tq1_0 if t.ggml_type == TQ1_0 else quants.unpack_tq2_0
         used = np.any(unpack(raw, n).reshape(-1, quants.QK_K) != 0, axis=1)
         distinct = np.unique(d[used])

@@ -301,3 +301,16 @@ def test_every_256_block_is_half_non_zero(tiny_model_path):
         for t in m.ternary_matrices():
             per_block = np.count_nonzero(t.codes().reshape(-1, 256), axis=1)
             assert (per_block == 128).all(), t.name
+
+
+def test_tq_block_with_weights_but_zero_scale_is_unsupported(tiny_model_path, rewrite_gguf, tmp_path):
+    """Upstream would read that block as zeros; one tensor scale cannot express it."""
+    name = "blk.1.ffn_up.weight"
+    codes = np.random.default_rng(2).integers(-1, 2, 256 * 512).astype(np.int8)
+    d = np.full(512, 0.25, dtype=np.float32)
+    d[3] = 0.0
+    path = rewrite_gguf(tiny_model_path("tq2_0", tokenizer=False), tmp_path / "dz.gguf",
+                        tensors={name: array_tensor(name, (256, 512), TQ2_0, quants.pack_tq2_0(codes, d))})
+    with pytest.raises(UnsupportedModelError) as err:
+        load_model(path)
+    assert err.value.tensor == name
