@@ -276,3 +276,45 @@ def test_code_three_in_i2_s_is_a_format_error(byte_model, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelFormatError):
         native.NativeModel(load_model(bad), "f16")
+
+
+# ---------------------------------------------------------------------------------------------
+# every kernel family the host runs gives the same model outputs (TERN_ISA, one process each:
+# the variant is chosen once per process)
+# ---------------------------------------------------------------------------------------------
+
+_ISA_SCRIPT = """
+import sys, numpy as np
+from engine.model import load_model
+from engine.native import NativeDecoder
+path, out = sys.argv[1], sys.argv[2]
+with NativeDecoder(load_model(path), n_ctx=200, threads=2, lm_head='f16', kv_type='f32') as dec:
+    ids = np.random.default_rng(3).integers(0, dec.n_vocab, 150)
+    np.save(out, dec.forward(ids, all_logits=True))
+    print(dec.kernel)
+"""
+
+
+def _run_isa(isa: str, path, out) -> str:
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TERN_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_every_kernel_family_gives_the_same_outputs(byte_model, tmp_path):
+    from tests.native_util import host_variants
+    families = {"scalar": "scalar", "avx2": "avx2", "avx512-vnni": "avx512", "amx": "amx"}
+    path = byte_model("tq1_0")
+    results = {}
+    for variant in host_variants():
+        assert _run_isa(families[variant], path, tmp_path / f"{variant}.npy") == variant
+        results[variant] = np.load(tmp_path / f"{variant}.npy")
+    base = results.pop("scalar")
+    for variant, logits in results.items():
+        _close(logits, base, f"{variant} vs scalar logits", 1e-4)
+        assert top5_agreement(base, logits) >= 0.99, variant

@@ -15,8 +15,8 @@
  *
  * Int8 matrix (LM head copy), "I8":
  *   rows x K int8 values q, row-major, contiguous (row r at r * K), one f32 scale per row:
- *   W[r][k] = q[r][k] * scale[r], with scale[r] = max_k |W[r][k]| / 127 and q rounded half
- *   to even (nearbyintf). 8 bits per weight + 32 bits per row.
+ *   W[r][k] ~= q[r][k] * scale[r], with scale[r] = max_k |W[r][k]| / 127 and
+ *   q = round_half_even(W * (1 / scale)) in [-127, 127]. 8 bits per weight + 32 bits per row.
  *
  * Activations: one token is K int8 values a with one f32 scale s (x ~= a / s), from absmax
  * quantization: s = 127 / max(|x|, 1e-5), a = clamp(round_half_even(x * s), -128, 127).
