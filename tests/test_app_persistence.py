@@ -144,3 +144,36 @@ def test_screenshot_entry_point(tmp_path, bitnet_path):
                                                                          ("assistant", "complete")]
     finally:
         store.close()
+
+
+def test_export_and_import_through_the_window(qtbot, tern_home, bitnet_path, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+    app = build_app(qtbot, tern_home)
+    try:
+        app.load(qtbot, bitnet_path)
+        app.window.system_panel.editor.setPlainText("Be brief.")
+        app.send(qtbot, "Export me")
+        cid = app.controller.conversation.id
+        md, js = tmp_path / "chat.md", tmp_path / "chat.json"
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(md), ""))
+        app.window.export_current("md")
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(js), ""))
+        app.window.export_current("json")
+        assert md.read_text(encoding="utf-8") == app.store.export_markdown(cid)
+        assert md.read_text(encoding="utf-8").startswith("# Export me\n\n**System prompt**\n\n> Be brief.\n")
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(js), ""))
+        app.window.import_conversation()
+        imported = app.controller.conversation
+        assert imported.id != cid and imported.title == "Export me" and imported.system_prompt == "Be brief."
+        assert [w.text for w in app.window.chat.messages] == [m.content for m in app.store.messages(cid)]
+        assert app.window.sidebar.list.count() == 2
+        bad = tmp_path / "bad.json"
+        bad.write_text("{not json", encoding="utf-8")
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(bad), ""))
+        app.window.import_conversation()
+        assert app.window.sidebar.list.count() == 2
+        errors = [w.text() for w in app.window.chat.findChildren(type(app.window.status_model))
+                  if w.objectName() == "errorNotice"]
+        assert errors and "bad.json" in errors[-1]
+    finally:
+        app.close()
