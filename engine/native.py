@@ -261,6 +261,13 @@ class NativeDecoder:
 
     backend_name = "native"
 
+    def __new__(cls, model, *args, device: str = "cpu", **kwargs):
+        # device='cuda' (backend 'cuda') is the TERN_CUDA build's decoder, engine/cuda.py (helper H7)
+        if device == "cuda":
+            from engine.cuda import CudaDecoder
+            return CudaDecoder(model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model, n_ctx: int = 4096, threads: int | None = None, lm_head: str = "int8",
                  device: str = "cpu", kv_type: str = "f16"):
         if device != "cpu":

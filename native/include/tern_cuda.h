@@ -31,9 +31,11 @@ TERN_API int32_t tern_cuda_model_create(const tern_model *host, tern_cuda_model 
 TERN_API void tern_cuda_model_free(tern_cuda_model *model);
 TERN_API uint64_t tern_cuda_model_device_bytes(const tern_cuda_model *model);
 
-/* A KV cache (f16) of n_ctx positions and all scratch, on the GPU; decode (one token) runs as
- * a CUDA graph captured at the first single-token forward. Same semantics as tern.h. */
-TERN_API int32_t tern_cuda_session_create(tern_cuda_model *model, int32_t n_ctx,
+/* A KV cache of n_ctx positions (kv_type TERN_KV_F16, or TERN_KV_F32: the reference's
+ * precision) and all scratch, on the GPU; decode (one token) runs as a CUDA graph captured at
+ * the first single-token forward (TERN_CUDA_GRAPH=0 in the environment: plain launches).
+ * Same semantics as the tern.h session functions. */
+TERN_API int32_t tern_cuda_session_create(tern_cuda_model *model, int32_t n_ctx, int32_t kv_type,
                                           tern_cuda_session **out);
 TERN_API void tern_cuda_session_free(tern_cuda_session *session);
 TERN_API int32_t tern_cuda_session_n_past(const tern_cuda_session *session);

@@ -62,13 +62,13 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
                           int32_t n, bool glu, bool relu2, int8_t *xq, act_meta *meta, float *xf,
                           cudaStream_t st);
 /* RoPE of q and k in qkv (n rows of qkv_dim) at positions *pos + t, k and v stored (f16) in
- * the layer's caches (row stride kv_dim). */
+ * the layer's caches (row stride kv_dim; f16, or f32 for the parity tests). */
 int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
-                          const int32_t *pos, __half *k_cache, __half *v_cache, cudaStream_t st);
+                          const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st);
 /* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t]. */
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
-                         int32_t head_dim, const __half *k_cache, const __half *v_cache,
+                         int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
                          const int32_t *pos, int32_t n_split, float *partial, float *out,
                          cudaStream_t st);
 

@@ -35,7 +35,9 @@ struct tern_cuda_session {
     cudaStream_t stream;
     cudaGraphExec_t decode_graph; /* one-token step, captured at the first decode */
     bool graph_tried;
-    __half *k_cache, *v_cache; /* n_layer x n_ctx x kv_dim */
+    int32_t kv_type;           /* TERN_KV_F16 or TERN_KV_F32 (the reference's precision) */
+    size_t kv_elem;
+    char *k_cache, *v_cache;   /* n_layer x n_ctx x kv_dim values of kv_elem bytes */
     float *x, *qkv, *h, *att, *xf, *partial, *logits, *rope_cos, *rope_sin;
     int8_t *xq;
     act_meta *meta;

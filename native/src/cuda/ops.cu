@@ -80,9 +80,13 @@ norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restr
 }
 
 /* grid (n, n_head + 2 n_head_kv), block head_dim/2: q and k heads rotated, k and v stored. */
+__device__ __forceinline__ void put(__half *p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void put(float *p, float v) { *p = v; }
+
+template <typename KV>
 __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
                                   const float *__restrict__ rope_cos, const float *__restrict__ rope_sin,
-                                  const int32_t *__restrict__ pos0, __half *k_cache, __half *v_cache)
+                                  const int32_t *__restrict__ pos0, KV *k_cache, KV *v_cache)
 {
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = hd / 2;
     const int64_t kv_dim = (int64_t)n_head_kv * hd, e = (int64_t)n_head * hd;
@@ -91,9 +95,9 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
     if (h >= n_head + n_head_kv) {
         const int vh = h - n_head - n_head_kv;
         const float *src = row + e + kv_dim + (int64_t)vh * hd;
-        __half *dst = v_cache + pos * kv_dim + (int64_t)vh * hd;
-        dst[i] = __float2half_rn(src[i]);
-        dst[i + half] = __float2half_rn(src[i + half]);
+        KV *dst = v_cache + pos * kv_dim + (int64_t)vh * hd;
+        put(dst + i, src[i]);
+        put(dst + i + half, src[i + half]);
         return;
     }
     const bool is_k = h >= n_head;
@@ -105,16 +109,24 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
     xh[i] = y1;
     xh[i + half] = y2;
     if (is_k) {
-        __half *dst = k_cache + pos * kv_dim + (int64_t)(h - n_head) * hd;
-        dst[i] = __float2half_rn(y1);
-        dst[i + half] = __float2half_rn(y2);
+        KV *dst = k_cache + pos * kv_dim + (int64_t)(h - n_head) * hd;
+        put(dst + i, y1);
+        put(dst + i + half, y2);
     }
 }
 
 constexpr int kAttWarps = 4;
 
 template <int D>
-__device__ __forceinline__ void load_half(const __half *p, float (&f)[D])
+__device__ __forceinline__ void load_kv(const float *p, float (&f)[D])
+{
+#pragma unroll
+    for (int i = 0; i < D; i++)
+        f[i] = p[i];
+}
+
+template <int D>
+__device__ __forceinline__ void load_kv(const __half *p, float (&f)[D])
 {
     if constexpr (D % 2 == 0) {
 #pragma unroll
@@ -133,10 +145,10 @@ __device__ __forceinline__ void load_half(const __half *p, float (&f)[D])
 /* grid (n_head, n, n_split), 4 warps: split sp of the positions of query t, head h; each warp
  * an online softmax over every 4th position (lane owns D = head_dim/32 dims). Writes
  * (max, sum, out[head_dim]) unnormalized to partial. */
-template <int D>
+template <int D, typename KV>
 __global__ void __launch_bounds__(kAttWarps * 32)
 attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
-                 const __half *__restrict__ k_cache, const __half *__restrict__ v_cache,
+                 const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,
                  const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial)
 {
     constexpr int HD = D * 32;
@@ -156,12 +168,12 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         o[i] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
-    const __half *kb = k_cache + (int64_t)grp * HD + lane * D;
-    const __half *vb = v_cache + (int64_t)grp * HD + lane * D;
+    const KV *kb = k_cache + (int64_t)grp * HD + lane * D;
+    const KV *vb = v_cache + (int64_t)grp * HD + lane * D;
     for (int p = p0 + warp; p < p1; p += kAttWarps) {
         float kf[D], vf[D];
-        load_half<D>(kb + (int64_t)p * kv_dim, kf);
-        load_half<D>(vb + (int64_t)p * kv_dim, vf);
+        load_kv<D>(kb + (int64_t)p * kv_dim, kf);
+        load_kv<D>(vb + (int64_t)p * kv_dim, vf);
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < D; i++)
@@ -242,26 +254,42 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
 
 int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
-                          const int32_t *pos, __half *k_cache, __half *v_cache, cudaStream_t st)
+                          const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st)
 {
     const dim3 grid((unsigned)n, (unsigned)(n_head + 2 * n_head_kv));
-    rope_store_kernel<<<grid, head_dim / 2, 0, st>>>(qkv, n_head, n_head_kv, head_dim, rope_cos, rope_sin,
-                                                     pos, k_cache, v_cache);
+    if (kv_f32)
+        rope_store_kernel<float><<<grid, head_dim / 2, 0, st>>>(qkv, n_head, n_head_kv, head_dim, rope_cos, rope_sin,
+                                                                pos, (float *)k_cache, (float *)v_cache);
+    else
+        rope_store_kernel<__half><<<grid, head_dim / 2, 0, st>>>(qkv, n_head, n_head_kv, head_dim, rope_cos, rope_sin,
+                                                                 pos, (__half *)k_cache, (__half *)v_cache);
     return cuda_launch_status("rope_store");
 }
 
+template <int D>
+static void attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const float *qkv, int n_head, int n_head_kv,
+                          const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial)
+{
+    if (kv_f32)
+        attention_kernel<D, float><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, (const float *)k_cache,
+                                                                    (const float *)v_cache, pos, scale, partial);
+    else
+        attention_kernel<D, __half><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, (const __half *)k_cache,
+                                                                     (const __half *)v_cache, pos, scale, partial);
+}
+
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
-                         int32_t head_dim, const __half *k_cache, const __half *v_cache,
+                         int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
                          const int32_t *pos, int32_t n_split, float *partial, float *out,
                          cudaStream_t st)
 {
     const dim3 grid((unsigned)n_head, (unsigned)n, (unsigned)n_split);
     const float scale = (float)(1.0 / sqrt((double)head_dim));
     switch (head_dim) {
-    case 32: attention_kernel<1><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 64: attention_kernel<2><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 128: attention_kernel<4><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 256: attention_kernel<8><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 32: attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 64: attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 128: attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 256: attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
     default:
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
     }

@@ -27,16 +27,17 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     const hv_model *h = &m->hv;
     const cuda_layer *L = &m->layers[l];
     const int64_t e = h->n_embd, ff = h->n_ff;
-    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim;
+    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
+    const bool f32 = s->kv_type == TERN_KV_F32;
     const bool relu2 = h->activation == TERN_ACT_RELU2;
     const int32_t nsplit = n >= TERN_CUDA_MAX_SPLIT ? 1 : TERN_CUDA_MAX_SPLIT / n;
     cudaStream_t st = s->stream;
     TRY(launch_norm_quant(s->x, e, L->attn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->qkv, true, s->xq, s->meta, n, s->qkv, m->qkv_dim, EPI_STORE, st));
     TRY(launch_rope_store(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->rope_cos, s->rope_sin, s->pos,
-                          s->k_cache + cache_at, s->v_cache + cache_at, st));
+                          s->k_cache + cache_at, s->v_cache + cache_at, f32, st));
     TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                         s->v_cache + cache_at, s->pos, nsplit, s->partial, s->att, st));
+                         s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->att, st));
     TRY(launch_norm_quant(s->att, e, L->attn_sub_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->wo, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st));
     TRY(launch_norm_quant(s->x, e, L->ffn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
@@ -71,7 +72,7 @@ static int32_t session_alloc(tern_cuda_session *s)
     const size_t width = e > ff ? e : ff;
     const size_t partial = (T > TERN_CUDA_MAX_SPLIT ? T : TERN_CUDA_MAX_SPLIT) * (size_t)h->n_head * ((size_t)h->head_dim + 2);
     struct { void **p; size_t bytes; } want[] = {
-        {(void **)&s->k_cache, kv * 2}, {(void **)&s->v_cache, kv * 2},
+        {(void **)&s->k_cache, kv * s->kv_elem}, {(void **)&s->v_cache, kv * s->kv_elem},
         {(void **)&s->x, T * e * 4}, {(void **)&s->qkv, T * (size_t)m->qkv_dim * 4},
         {(void **)&s->h, T * 2 * ff * 4}, {(void **)&s->att, T * e * 4}, {(void **)&s->xf, T * e * 4},
         {(void **)&s->partial, partial * 4}, {(void **)&s->logits, T * (size_t)h->n_vocab * 4},
@@ -101,18 +102,23 @@ static int32_t session_alloc(tern_cuda_session *s)
     return st;
 }
 
-extern "C" int32_t tern_cuda_session_create(tern_cuda_model *m, int32_t n_ctx, tern_cuda_session **out)
+extern "C" int32_t tern_cuda_session_create(tern_cuda_model *m, int32_t n_ctx, int32_t kv_type,
+                                            tern_cuda_session **out)
 {
     if (!m || !out)
         return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_create: NULL argument");
     *out = NULL;
     if (n_ctx < 1 || n_ctx > (1 << 24))
         return tern_fail(TERN_ERR_INVALID, "n_ctx %d out of range", n_ctx);
+    if (kv_type != TERN_KV_F16 && kv_type != TERN_KV_F32)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: KV cache type %d is not implemented (f16, f32)", kv_type);
     tern_cuda_session *s = new (std::nothrow) tern_cuda_session();
     if (!s)
         return tern_fail(TERN_ERR_NOMEM, "out of memory");
     s->m = m;
     s->n_ctx = n_ctx;
+    s->kv_type = kv_type;
+    s->kv_elem = kv_type == TERN_KV_F32 ? 4 : 2;
     int32_t st = TERN_OK;
     if (cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking) != cudaSuccess)
         st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: cannot create a stream");
@@ -159,12 +165,12 @@ extern "C" int32_t tern_cuda_session_copy(tern_cuda_session *dst, const tern_cud
 {
     if (!dst || !src)
         return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_copy: NULL session");
-    if (dst->m != src->m)
-        return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_copy: sessions of different models");
+    if (dst->m != src->m || dst->kv_type != src->kv_type)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_session_copy: sessions of different models or KV types");
     if (src->n_past > dst->n_ctx)
         return tern_fail(TERN_ERR_CONTEXT, "tern_cuda_session_copy: %d positions do not fit a context of %d",
                          src->n_past, dst->n_ctx);
-    const size_t row = (size_t)src->m->kv_dim, bytes = row * (size_t)src->n_past * 2;
+    const size_t row = (size_t)src->m->kv_dim * src->kv_elem, bytes = row * (size_t)src->n_past;
     for (int32_t l = 0; l < src->m->hv.n_layer; l++) {
         const size_t so = (size_t)l * (size_t)src->n_ctx * row, d0 = (size_t)l * (size_t)dst->n_ctx * row;
         CUDA_TRY(cudaMemcpy(dst->k_cache + d0, src->k_cache + so, bytes, cudaMemcpyDeviceToDevice));

@@ -1,0 +1,175 @@
+"""The CUDA backend: CudaDecoder over the TERN_CUDA build of the C library (tern_cuda.h).
+
+`NativeDecoder(model, device='cuda')` (what engine.backends asks for with backend 'cuda')
+returns a CudaDecoder. The host library first builds its own model (every check and the
+repacking happen there), the weights are copied to the GPU, and the host copy is freed at once;
+the file mapping stays open for the token embedding (one row per token is read on the host).
+
+A library built without CUDA, or a machine without a usable GPU, gives BackendUnavailableError
+(so backend 'auto' can fall back), never NativeError.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine import _cuda, _native
+from engine.errors import NativeError
+from engine.native import KV_TYPES, NativeModel, _check
+
+log = logging.getLogger(__name__)
+
+KERNEL_OPS = {"gemv_t2": 0, "gemm_t2": 1, "gemv_i8": 2, "gemm_i8": 3}
+GEMV_SHAPES = {"qkv": 0, "wo": 1, "gate_up": 2, "down": 3, "lm_head": 4}
+
+
+def _unavailable(reason: str):
+    from engine.backends import BackendUnavailableError
+    return BackendUnavailableError("cuda", reason)
+
+
+def lib() -> ctypes.CDLL:
+    """The native library with the CUDA prototypes declared; BackendUnavailableError if it was
+    built without TERN_CUDA."""
+    try:
+        h = _native.lib()
+    except NativeError as exc:
+        raise _unavailable(str(exc)) from exc
+    if not _cuda.declare(h):
+        raise _unavailable("the native library was built without CUDA (build with TERN_CUDA=ON)")
+    return h
+
+
+def unavailable_reason() -> str | None:
+    """None if a CUDA device can be used, else why not."""
+    try:
+        h = lib()
+    except Exception as exc:  # noqa: BLE001 - any failure to load means "not available"
+        return str(exc)
+    if h.tern_cuda_available():
+        return None
+    return h.tern_last_error().decode("utf-8", "replace")
+
+
+def device_name() -> str:
+    name = lib().tern_cuda_device_name()
+    if name is None:
+        raise _unavailable(unavailable_reason() or "no CUDA device")
+    return name.decode()
+
+
+def run_kernel(op: str, w: np.ndarray, rows: int, k: int, x: np.ndarray) -> np.ndarray:
+    """The GPU twin of engine.native.run_kernel: (n, rows) int32 exact dot products."""
+    w = np.ascontiguousarray(w)
+    x = np.ascontiguousarray(x, dtype=np.int8).reshape(-1, k)
+    y = np.full((x.shape[0], rows), np.iinfo(np.int32).min, dtype=np.int32)
+    _check(lib().tern_cuda_kernel_test(KERNEL_OPS[op], w.ctypes.data, w.nbytes, rows, k,
+                                       x.ctypes.data_as(_native.c_int8_p), x.shape[0],
+                                       y.ctypes.data_as(_native.c_int32_p)))
+    return y
+
+
+def bandwidth_probe(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device memory read bandwidth, GB/s (median of reps)."""
+    out = ctypes.c_double()
+    _check(lib().tern_cuda_bandwidth_probe(nbytes, reps, ctypes.byref(out)))
+    return out.value
+
+
+class CudaDecoder:
+    """Decoder protocol (docs/ENGINE-API.md) on the GPU. Owns `model` (a BitNetModel) and closes
+    it in close(). lm_head='f16' and kv_type='f32' give the reference's precision."""
+
+    backend_name = "cuda"
+
+    def __init__(self, model, n_ctx: int = 4096, threads: int | None = None, lm_head: str = "int8",
+                 kv_type: str = "f16"):
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        h = lib()
+        reason = unavailable_reason()
+        if reason is not None:
+            raise _unavailable(reason)
+        self._model = model
+        self.n_ctx = n_ctx
+        self.n_vocab = model.hparams.n_vocab
+        self.lm_head = lm_head
+        self.threads = threads or 1   # host threads only build the model
+        self.device = device_name()
+        major_minor = self.device.split("(sm_", 1)[1].split(",", 1)[0] if "(sm_" in self.device else "?"
+        self.kernel = f"cuda-sm{major_minor}"
+        self._handle = self._session = None
+        with NativeModel(model, lm_head) as host:
+            handle = ctypes.c_void_p()
+            _check(h.tern_cuda_model_create(host.handle, ctypes.byref(handle)))
+            self._handle = handle
+        try:
+            session = ctypes.c_void_p()
+            _check(h.tern_cuda_session_create(self._handle, n_ctx, KV_TYPES[kv_type], ctypes.byref(session)))
+            self._session = session
+        except BaseException:
+            h.tern_cuda_model_free(self._handle)
+            self._handle = None
+            raise
+        log.info("cuda decoder on %s: LM head %s, KV %s, %d MB of weights on the GPU", self.device, lm_head,
+                 kv_type, h.tern_cuda_model_device_bytes(self._handle) >> 20)
+
+    def _live(self) -> ctypes.c_void_p:
+        if self._session is None:
+            raise NativeError(_native.TERN_ERR_INVALID, "the CUDA decoder is closed")
+        return self._session
+
+    @property
+    def n_past(self) -> int:
+        return int(lib().tern_cuda_session_n_past(self._live()))
+
+    @property
+    def model_handle(self) -> ctypes.c_void_p:
+        return self._handle
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        tokens = np.ascontiguousarray(ids, dtype=np.int32).reshape(-1)
+        out = np.empty((tokens.size if all_logits else 1, self.n_vocab), dtype=np.float32)
+        _check(lib().tern_cuda_forward(self._live(), tokens.ctypes.data_as(_native.c_int32_p), tokens.size,
+                                       out.ctypes.data_as(_native.c_float_p), int(all_logits)))
+        return out if all_logits else out[0]
+
+    def truncate(self, n: int) -> None:
+        _check(lib().tern_cuda_session_truncate(self._live(), n))
+
+    def copy_from(self, other: "CudaDecoder") -> None:
+        """Take over other's cached positions (same model handle)."""
+        _check(lib().tern_cuda_session_copy(self._live(), other._live()))
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+
+    def cancel(self) -> None:
+        if self._session is not None:
+            lib().tern_cuda_cancel(self._session)
+
+    def gemv_time(self, shape: str, reps: int = 50) -> tuple[float, float]:
+        """(seconds, weight bytes) of one decode GEMV of that shape ('qkv', 'wo', 'gate_up',
+        'down', 'lm_head'), timed as a CUDA graph over every layer's matrix."""
+        s, b = ctypes.c_double(), ctypes.c_double()
+        _check(lib().tern_cuda_gemv_time(self._handle, GEMV_SHAPES[shape], reps, ctypes.byref(s), ctypes.byref(b)))
+        return s.value, b.value
+
+    def close(self) -> None:
+        h = lib()
+        if self._session is not None:
+            h.tern_cuda_session_free(self._session)
+            self._session = None
+        if self._handle is not None:
+            h.tern_cuda_model_free(self._handle)
+            self._handle = None
+        self._model.close()
+
+    def __enter__(self) -> "CudaDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

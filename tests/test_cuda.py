@@ -1,0 +1,300 @@
+"""The CUDA backend (TERN_CUDA build, engine/cuda.py) against its CPU twins and the reference.
+
+On a machine without a usable GPU (CI) every GPU test skips with the reason; the build test
+still compiles native/ with -DTERN_CUDA=ON wherever nvcc exists and checks that the library
+loads and runs the CPU path there. Run the GPU tests with TERN_NATIVE_LIB pointing at a
+TERN_CUDA build."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import cuda, native
+from engine.errors import ContextOverflowError, NativeError
+from engine.model import load_model
+from engine.reference import ReferenceDecoder
+from native_util import exact_dot, pack_t2, random_int8, random_ternary
+
+REPO = Path(__file__).resolve().parent.parent
+FORMATS = ["i2_s", "tq1_0", "tq2_0", "f16", "bf16", "f32"]
+N_TEACHER = 256
+TOP5_MIN_AGREEMENT = 0.95
+GREEDY_MARGIN = 0.05
+
+NO_GPU = cuda.unavailable_reason()
+gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"no usable CUDA GPU: {NO_GPU}")
+
+
+@pytest.fixture(scope="module")
+def byte_model(tiny_model_path):
+    return lambda fmt, **kw: tiny_model_path(fmt, tokenizer=False, **kw)
+
+
+def teacher_ids(n_vocab: int, n: int = N_TEACHER, seed: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_vocab, n)
+
+
+def top5_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    ta, tb = np.argsort(-a, axis=1)[:, :5], np.argsort(-b, axis=1)[:, :5]
+    return float(np.mean([set(x) == set(y) for x, y in zip(ta, tb)]))
+
+
+def greedy(decoder, prompt, steps: int) -> tuple[list[int], list[float]]:
+    logits = decoder.forward(prompt)
+    tokens, margins = [], []
+    for _ in range(steps):
+        top2 = np.sort(logits)[-2:]
+        tokens.append(int(np.argmax(logits)))
+        margins.append(float(top2[1] - top2[0]))
+        logits = decoder.forward([tokens[-1]])
+    return tokens, margins
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels: exact int32 results, equal to the CPU scalar twin
+# ---------------------------------------------------------------------------------------------
+
+def _check_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    if not np.array_equal(got, want):
+        bad = np.argwhere(got != want)
+        t, r = bad[0]
+        raise AssertionError(f"{what}: {len(bad)} wrong results, first at token {t} row {r}: "
+                             f"{got[t, r]} != {want[t, r]}")
+
+
+@gpu
+@pytest.mark.parametrize("k", [128, 256, 384, 640, 2560, 6912])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 33, 640])
+def test_gemv_t2_equals_cpu_twin(k, rows):
+    rng = np.random.default_rng(k * 1000 + rows)
+    w, x = random_ternary(rng, rows, k), random_int8(rng, 1, k)
+    packed = pack_t2(w)
+    got = cuda.run_kernel("gemv_t2", packed, rows, k, x)
+    _check_equal(got, native.run_kernel("scalar", "gemv_t2", packed, rows, k, x), f"gemv_t2 {rows}x{k}")
+    _check_equal(got, exact_dot(w, x), f"gemv_t2 {rows}x{k} vs numpy")
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 65, 130])
+@pytest.mark.parametrize("rows,k", [(1, 128), (17, 384), (129, 256), (300, 2560), (64, 6912)])
+def test_gemm_t2_equals_cpu_twin(n, rows, k):
+    rng = np.random.default_rng(n * 7 + rows * 131 + k)
+    w, x = random_ternary(rng, rows, k), random_int8(rng, n, k)
+    packed = pack_t2(w)
+    got = cuda.run_kernel("gemm_t2", packed, rows, k, x)
+    _check_equal(got, native.run_kernel("scalar", "gemm_t2", packed, rows, k, x), f"gemm_t2 {n}x{rows}x{k}")
+
+
+@gpu
+@pytest.mark.parametrize("k", [16, 48, 128, 2560, 4096])
+@pytest.mark.parametrize("rows", [1, 5, 33, 1000])
+def test_gemv_i8_equals_cpu_twin(k, rows):
+    rng = np.random.default_rng(k + rows)
+    w, x = random_int8(rng, rows, k), random_int8(rng, 1, k)
+    got = cuda.run_kernel("gemv_i8", w, rows, k, x)
+    _check_equal(got, native.run_kernel("scalar", "gemv_i8", w, rows, k, x), f"gemv_i8 {rows}x{k}")
+
+
+@gpu
+@pytest.mark.parametrize("n", [2, 5, 64, 100])
+@pytest.mark.parametrize("rows,k", [(1, 128), (129, 256), (1000, 2560)])
+def test_gemm_i8_equals_cpu_twin(n, rows, k):
+    rng = np.random.default_rng(n + rows + k)
+    w, x = random_int8(rng, rows, k), random_int8(rng, n, k)
+    got = cuda.run_kernel("gemm_i8", w, rows, k, x)
+    _check_equal(got, native.run_kernel("scalar", "gemm_i8", w, rows, k, x), f"gemm_i8 {n}x{rows}x{k}")
+
+
+@gpu
+@pytest.mark.parametrize("rows,k", [(2560, 2560), (3840, 2560), (13824, 2560), (2560, 6912)])
+def test_real_bitnet_shapes_and_extremes(rows, k):
+    """The 2B4T shapes (q|k|v and gate|up fused), random and at the int32 extremes."""
+    rng = np.random.default_rng(rows + k)
+    w = random_ternary(rng, rows, k)
+    w[0], w[-1] = 1, -1
+    x = random_int8(rng, 3, k)
+    x[1] = -128
+    x[2] = 127
+    packed = pack_t2(w)
+    want = exact_dot(w, x)
+    _check_equal(cuda.run_kernel("gemm_t2", packed, rows, k, x), want, f"gemm_t2 {rows}x{k}")
+    for t in range(3):
+        _check_equal(cuda.run_kernel("gemv_t2", packed, rows, k, x[t:t + 1]), want[t:t + 1], f"gemv_t2 {rows}x{k}")
+
+
+@gpu
+def test_kernel_entry_rejects_bad_sizes():
+    w = np.zeros((4, 32), np.uint8)
+    with pytest.raises(NativeError):
+        cuda.run_kernel("gemv_t2", w, 4, 100, np.zeros((1, 100), np.int8))   # k not a multiple of 128
+    with pytest.raises(NativeError):
+        cuda.run_kernel("gemv_t2", w, 8, 128, np.zeros((1, 128), np.int8))   # too few weight bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole model
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_decoder(path, n_ctx, **kw) -> "cuda.CudaDecoder":
+    return native.NativeDecoder(load_model(path), n_ctx=n_ctx, device="cuda", **kw)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_teacher_forced_top5_and_greedy_match_reference(byte_model, fmt):
+    path = byte_model(fmt)
+    ref = ReferenceDecoder(load_model(path), n_ctx=N_TEACHER + 64)
+    with _cuda_decoder(path, N_TEACHER + 64, lm_head="f16", kv_type="f32") as dec:
+        assert dec.backend_name == "cuda" and dec.kernel.startswith("cuda-sm")
+        ids = teacher_ids(ref.n_vocab)
+        want, got = ref.forward(ids, all_logits=True), dec.forward(ids, all_logits=True)
+        assert got.shape == want.shape
+        agreement = top5_agreement(want, got)
+        assert agreement >= TOP5_MIN_AGREEMENT, f"top-5 sets agree at {agreement:.1%} of positions"
+        ref.truncate(0)
+        dec.truncate(0)
+        want_tokens, margins = greedy(ref, ids[:8], 48)
+        got_tokens, _ = greedy(dec, ids[:8], 48)
+        for step, (w, g, m) in enumerate(zip(want_tokens, got_tokens, margins)):
+            if m < GREEDY_MARGIN:
+                break
+            assert w == g, f"greedy token {step} differs: reference {w}, cuda {g} (margin {m:.3f})"
+
+
+@gpu
+def test_llama3_vocabulary_and_int8_head(tiny_model_path):
+    """The 128256-token vocabulary; the default int8 head and f16 cache against the CPU decoder
+    with the same settings (first positions, before f16 rounding compounds)."""
+    path = tiny_model_path("i2_s")
+    ids = teacher_ids(128256, 16)
+    with native.NativeDecoder(load_model(path), n_ctx=64, threads=1) as cpu, _cuda_decoder(path, 64) as dec:
+        want, got = cpu.forward(ids, all_logits=True), dec.forward(ids, all_logits=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-3 * float(np.abs(want[0]).max()))
+    assert top5_agreement(want[:4], got[:4]) == 1.0
+
+
+@gpu
+def test_decode_graph_equals_prefill(byte_model):
+    """Token-by-token decode (the CUDA graph) against one prefill of the same tokens."""
+    path = byte_model("i2_s")
+    ids = teacher_ids(259, 40)
+    with _cuda_decoder(path, 64, lm_head="f16", kv_type="f32") as dec:
+        full = dec.forward(ids, all_logits=True)
+        dec.truncate(0)
+        steps = np.stack([dec.forward([int(t)]) for t in ids])
+        assert dec.n_past == len(ids)
+    assert top5_agreement(full, steps) >= TOP5_MIN_AGREEMENT
+    np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
+
+
+@gpu
+def test_truncate_reuses_the_cache_and_errors_keep_state(byte_model):
+    path = byte_model("tq2_0")
+    ids = teacher_ids(259, 24)
+    with _cuda_decoder(path, 32) as dec:
+        first = dec.forward(ids, all_logits=True)
+        dec.truncate(10)
+        again = dec.forward(ids[10:], all_logits=True)
+        np.testing.assert_array_equal(again, first[10:])
+        with pytest.raises(ContextOverflowError):
+            dec.forward(teacher_ids(259, 9))
+        with pytest.raises(NativeError):
+            dec.forward([259])
+        with pytest.raises(NativeError):
+            dec.truncate(25)
+        assert dec.n_past == 24
+
+
+@gpu
+def test_open_decoder_backend_cuda(byte_model):
+    from engine.backends import open_decoder
+    dec = open_decoder(byte_model("f16"), backend="cuda", n_ctx=64)
+    try:
+        assert dec.backend_name == "cuda"
+        assert dec.forward([1, 2, 3]).shape == (259,)
+    finally:
+        dec.close()
+
+
+@gpu
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+def test_memcheck_is_clean(byte_model, tmp_path):
+    """Kernels, prefill (GEMM path, two chunks), decode (graph) under compute-sanitizer memcheck."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np
+        from engine import cuda, native
+        from engine.model import load_model
+        from native_util import pack_t2, random_int8, random_ternary
+        rng = np.random.default_rng(0)
+        for rows, k, n in [(17, 384, 1), (129, 256, 65), (3, 6912, 2)]:
+            w = pack_t2(random_ternary(rng, rows, k))
+            cuda.run_kernel("gemv_t2" if n == 1 else "gemm_t2", w, rows, k, random_int8(rng, n, k))
+            cuda.run_kernel("gemm_i8", random_int8(rng, rows, k), rows, k, random_int8(rng, 2, k))
+        for fmt, head, kv in [("i2_s", "int8", "f16"), ("f16", "f16", "f32")]:
+            path = {str(byte_model("i2_s"))!r} if fmt == "i2_s" else {str(byte_model("f16"))!r}
+            with native.NativeDecoder(load_model(path), n_ctx=300, device="cuda", lm_head=head, kv_type=kv) as d:
+                d.forward(rng.integers(0, 259, 270), all_logits=True)
+                for t in range(5):
+                    d.forward([t])
+        print("memcheck run done")
+        """))
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    res = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
+                          sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "memcheck run done" in out and "ERROR SUMMARY: 0 errors" in out, out[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the build, with or without a GPU
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
+                    reason="nvcc or cmake not on PATH: the CUDA build cannot be compiled here")
+def test_cuda_build_compiles_and_runs_the_cpu_path(byte_model, tmp_path):
+    """-DTERN_CUDA=ON compiles (one architecture, to stay quick), and the library loads and
+    decodes on the CPU whether or not this machine has a GPU."""
+    build = tmp_path / "build"
+    arch = os.environ.get("TERN_CUDA_TEST_ARCH", "90-real")
+    subprocess.run(["cmake", "-S", str(REPO / "native"), "-B", str(build), "-DTERN_CUDA=ON",
+                    f"-DCMAKE_CUDA_ARCHITECTURES={arch}"], check=True, capture_output=True, timeout=300)
+    res = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lib = build / "libtern.so"
+    assert lib.is_file()
+    check = textwrap.dedent(f"""
+        import numpy as np
+        from engine import _cuda, _native, cuda, native
+        from engine.backends import BackendUnavailableError
+        from engine.model import load_model
+        from engine.reference import ReferenceDecoder
+        assert _cuda.has_cuda(_native.lib()), "no tern_cuda_* symbols"
+        path = {str(byte_model("i2_s"))!r}
+        ids = np.random.default_rng(1).integers(0, 259, 32)
+        with native.NativeDecoder(load_model(path), n_ctx=64, threads=1, lm_head="f16", kv_type="f32") as d:
+            got = d.forward(ids, all_logits=True)
+        want = ReferenceDecoder(load_model(path), n_ctx=64).forward(ids, all_logits=True)
+        assert (np.argmax(got, 1) == np.argmax(want, 1)).mean() >= 0.9
+        if cuda.unavailable_reason() is not None:
+            try:
+                native.NativeDecoder(load_model(path), n_ctx=64, device="cuda")
+            except BackendUnavailableError as exc:
+                print("cuda unavailable:", exc)
+            else:
+                raise AssertionError("a CUDA decoder opened without a GPU")
+        print("cpu path ok")
+        """)
+    env = dict(os.environ, TERN_NATIVE_LIB=str(lib), PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "cpu path ok" in res.stdout, res.stdout + res.stderr
