@@ -56,7 +56,10 @@ float tern_quantize_row(const float *x, int64_t n, int8_t *q)
     for (int64_t i = 0; i < n; i++) {
         const float p = x[i] * s;
         float v = (p + magic) - magic;
-        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        /* NaN (inf or NaN activations, from a hostile file's weights) fails both tests and
+         * becomes -128, as the SIMD conversions make it: converting NaN to int is undefined. */
+        v = v >= -128.0f ? v : -128.0f;
+        v = v <= 127.0f ? v : 127.0f;
         q[i] = (int8_t)v;
     }
     return s;
