@@ -2,7 +2,7 @@
 
 Reads the three layouts a BitNet user meets: bitnet.cpp's official files (`bitnet-b1.58`,
 `bitnet-25`, I2_S), upstream llama.cpp's (`bitnet`, TQ1_0/TQ2_0) and float files of either
-(ternarized at load with absmean). Weights stay in the mmap; codes are unpacked on demand.
+(ternarized at load: kept as they are if already ternary, else absmean). Weights stay in the mmap; codes are unpacked on demand.
 `inspect_gguf` reads only the header, for the model library and `python -m engine info`.
 """
 from __future__ import annotations
@@ -334,7 +334,7 @@ def _ternary(f: GGUFFile, base: str) -> TernaryMatrix:
     elif t.ggml_type in (TQ1_0, TQ2_0):
         scale = _tq_scale(f, name, t, raw)
     else:
-        scale = _absmean_scale(raw, t.ggml_type, rows, cols)
+        scale = _float_ternary_scale(raw, t.ggml_type, rows, cols)
     if base + ".scale" in f.tensors:        # upstream's optional per-tensor multiplier
         scale *= float(np.frombuffer(f.tensor_bytes(base + ".scale"), dtype="<f4")[0])
     if not np.isfinite(scale):
@@ -369,8 +369,20 @@ def _float_rows(raw: memoryview, ggml_type: int, rows: int, cols: int):
         yield quants.dequantize(raw[r * row_bytes:r1 * row_bytes], ggml_type, (r1 - r) * cols).reshape(-1, cols)
 
 
-def _absmean_scale(raw: memoryview, ggml_type: int, rows: int, cols: int) -> np.float32:
-    abs_sum = sum(float(np.abs(block).sum(dtype=np.float64)) for block in _float_rows(raw, ggml_type, rows, cols))
+def _float_ternary_scale(raw: memoryview, ggml_type: int, rows: int, cols: int) -> np.float32:
+    """The scale of a float BitLinear weight. Weights that are already ternary ({-m, 0, +m}, as
+    converters write them after quantizing) keep m: absmean over them would shrink the scale by
+    the matrix's fraction of non-zeros (~0.69), the bug of re-ternarizing. Master weights get
+    absmean, the training rule."""
+    abs_sum, lo, hi = 0.0, np.inf, 0.0
+    for block in _float_rows(raw, ggml_type, rows, cols):
+        a = np.abs(block)
+        abs_sum += float(a.sum(dtype=np.float64))
+        nonzero = a[a != 0]
+        if nonzero.size:
+            lo, hi = min(lo, float(nonzero.min())), max(hi, float(nonzero.max()))
+    if lo == hi:
+        return np.float32(hi)
     return quants.absmean_scale(abs_sum, rows * cols)
 
 

@@ -4,8 +4,8 @@ One seed gives the same ternary codes and scales in every format. Per ternary te
 half of the weights in every 256-block are non-zero (random positions and signs) and a value
 v = m * 2**e with a 2-bit mantissa is drawn, exact in f16 and bf16; the tensor scale is
 s = v / 2 (also exact).
-Float files store codes * v, so absmean at load finds mean|W| = v/2 = s and round(+-2) -> +-1:
-the same codes and scale as I2_S (f32 s) and TQ1_0/TQ2_0 (f16 d = s in every block).
+Float files store codes * s, already ternary as converters write them, so the loader keeps the
+codes and s: the same as I2_S (f32 s) and TQ1_0/TQ2_0 (f16 d = s in every block).
 
 Layouts: i2_s and f16/bf16/f32 -> arch `bitnet-b1.58` with bitnet.cpp's keys and tensor names
 (`general.file_type` 40 for I2_S); tq1_0/tq2_0 -> arch `bitnet` as upstream llama.cpp's
@@ -86,7 +86,7 @@ def _encode_ternary(codes: np.ndarray, scale: np.float32, ggml_type: int) -> np.
         return quants.pack_tq2_0(flat, scale)
     if ggml_type == TQ1_0:
         return quants.pack_tq1_0(flat, scale)
-    return quants.quantize(flat.astype(np.float32) * (2 * scale), ggml_type)
+    return quants.quantize(flat.astype(np.float32) * scale, ggml_type)
 
 
 def _ternary_tensor(seed: int, name: str, rows: int, cols: int, ggml_type: int) -> WriterTensor:

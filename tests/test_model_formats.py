@@ -20,7 +20,7 @@ from engine.testmodel import EMBEDDING_FORMATS, SHAPES, _tensors, make_test_mode
 
 FORMATS = ["i2_s", "tq1_0", "tq2_0", "f16", "bf16", "f32"]
 SOURCE_TYPES = {"i2_s": I2_S, "tq1_0": TQ1_0, "tq2_0": TQ2_0, "f16": F16, "bf16": BF16, "f32": F32}
-# v = m * 2**e (m in {1, 1.25, 1.5, 1.75}, e in -3..0), scale = v / 2
+# v = m * 2**e (m in {1, 1.25, 1.5, 1.75}, e in -3..0), scale = v / 2; float files store codes * scale
 ALLOWED_SCALES = {m * 2.0 ** e / 2 for m in (1.0, 1.25, 1.5, 1.75) for e in range(-3, 1)}
 
 
@@ -100,11 +100,24 @@ def test_tq_layout_is_upstream_llama_cpp(tiny_model_path, fmt, file_type):
         assert m.hparams.n_vocab == 128256 and m.tokenizer_metadata["tokenizer.ggml.eos_token_id"] == 128001
 
 
-def test_float_formats_store_codes_times_twice_the_scale(tiny_model_path):
+def test_float_formats_store_codes_times_the_scale(tiny_model_path):
     with load_model(tiny_model_path("bf16", tokenizer=False)) as m:
         for t in m.ternary_matrices()[:3]:
             stored = quants.dequantize(t.raw, BF16, t.rows * t.cols).reshape(t.rows, t.cols)
-            assert np.array_equal(stored, t.codes() * np.float32(2 * t.scale))
+            assert np.array_equal(stored, t.codes() * np.float32(t.scale))
+
+
+def test_already_ternary_float_weights_keep_their_scale(tiny_model_path, rewrite_gguf, tmp_path):
+    """{-m, 0, +m} weights (a converter's output) keep m; absmean would give m * 0.3 here."""
+    name = "blk.1.ffn_down.weight"
+    rng = np.random.default_rng(4)
+    codes = (rng.random((256, 512)) < 0.3) * rng.choice(np.array([-1, 1], np.int8), (256, 512))
+    m = np.float32(0.0371)
+    path = rewrite_gguf(tiny_model_path("f32", tokenizer=False), tmp_path / "ternary.gguf",
+                        tensors={name: array_tensor(name, (512, 256), F32, codes.astype(np.float32) * m)})
+    with load_model(path) as model:
+        down = model.layers[1].w_down
+        assert down.scale == m and np.array_equal(down.codes(), codes)
 
 
 def test_tiny_shape_and_2b4t_shape():
