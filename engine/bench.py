@@ -53,6 +53,7 @@ class BenchOptions:
     peer_dir: Path | None = None      # where missing peer files are written (default: model's dir)
     tokenizer: Path | None = None     # HF tokenizer dir for writing peer files (the model's vocab)
     seed: int = 1
+    fill_ctx: bool = False            # also fill the whole KV cache and report that peak RSS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +149,15 @@ def measure_decode(decoder, first: int, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def fill_context(decoder, opts: BenchOptions) -> None:
+    """Writes every KV-cache position (the cache's pages count only once written), so the peak
+    RSS that follows is that of a full context."""
+    ids = prompt_ids(decoder.n_vocab, 512, opts.seed)
+    decoder.truncate(0)
+    while decoder.n_past < decoder.n_ctx:
+        decoder.forward(ids[: min(len(ids), decoder.n_ctx - decoder.n_past)])
+
+
 def measure_decoder(decoder, opts: BenchOptions) -> dict:
     ids = prompt_ids(decoder.n_vocab, max(opts.pp), opts.seed)
     pp: dict[int, list[float]] = {n: [] for n in opts.pp}
@@ -237,6 +247,9 @@ def bench_tern(opts: BenchOptions, lm_head: str) -> dict:
         result.update(measure_decoder(decoder, opts))
         result["peak_rss_bytes"] = peak_rss_bytes()
         result["peak_rss_scope"] = "engine" if scoped else "process"
+        if opts.fill_ctx:
+            fill_context(decoder, opts)
+            result["peak_rss_full_ctx_bytes"] = peak_rss_bytes()
     finally:
         decoder.close()
     model = load_model(opts.model)

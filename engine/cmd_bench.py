@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--peer-dir", type=Path, help="where missing peer files are written")
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="tokenizer directory used to write peer files (the model's vocabulary)")
+    p.add_argument("--fill-ctx", action="store_true",
+                   help="also fill the whole KV cache (--ctx tokens) and report that peak RSS")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=run)
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, threads=args.threads, backend=args.backend,
                         lm_heads=args.lm_head, repeat=args.repeat, n_ctx=args.ctx, tg=args.tg,
                         probe_mb=args.probe_mb, peer=args.peer, peer_models=args.peer_model,
-                        peer_dir=args.peer_dir, tokenizer=args.tokenizer)
+                        peer_dir=args.peer_dir, tokenizer=args.tokenizer, fill_ctx=args.fill_ctx)
     report = run_bench(opts)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -78,7 +80,10 @@ def format_report(report: dict, opts: BenchOptions) -> str:
         lines.append(f"  decode: {e['decode_gbps']['median']:.1f} GB/s = "
                      f"{100 * frac['median']:.0f}% / {100 * frac['best']:.0f}% of measured "
                      f"({e['bytes_per_token']['total'] / 1e6:.0f} MB/token)")
-        lines.append(f"  load {e['load_s']:.2f} s, peak RSS {e['peak_rss_bytes'] / 2**20:.0f} MiB")
+        full = e.get("peak_rss_full_ctx_bytes")
+        lines.append(f"  load {e['load_s']:.2f} s, peak RSS {e['peak_rss_bytes'] / 2**20:.0f} MiB"
+                     + (f" ({full / 2**20:.0f} MiB with all {report['n_ctx']} positions cached)"
+                        if full else ""))
     for name, r in report["ratios"].items():
         lines.append(f"{name}: " + ", ".join(f"{k[:-4]} x{v['median']:.2f} (best x{v['best']:.2f})"
                                              for k, v in r.items()))

@@ -37,7 +37,8 @@ def check_engine(entry: dict, bandwidth: float) -> None:
 
 def test_bench_native_both_lm_heads(capsys, tiny_model_path):
     path = tiny_model_path("i2_s", tokenizer=False)
-    report = run_cli(capsys, "--model", str(path), "--threads", "2", "--lm-head", "int8,f16")
+    report = run_cli(capsys, "--model", str(path), "--threads", "2", "--lm-head", "int8,f16",
+                     "--ctx", "1024", "--fill-ctx")
     assert report["threads"] == 2 and report["repeat"] == 1
     assert report["machine"]["logical_cpus"] >= 1
     bw = report["bandwidth_gbps"]
@@ -46,6 +47,7 @@ def test_bench_native_both_lm_heads(capsys, tiny_model_path):
     assert [(e["engine"], e["lm_head"]) for e in engines] == [("tern native", "int8"), ("tern native", "f16")]
     for e in engines:
         assert e["kernel"] in ("scalar", "avx2", "avx512-vnni", "amx", "neon")
+        assert e["peak_rss_full_ctx_bytes"] >= e["peak_rss_bytes"]
         check_engine(e, bw["2"])
     # the f16 head reads twice the bytes of the int8 copy (less its per-row scales)
     model = load_model(path)
