@@ -49,6 +49,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "cuda":  # the GPU bench and its transformers peer: engine/bench_cuda.py (helper H7)
+        from engine.bench_cuda import main_cuda
+        return main_cuda(args)
     opts = BenchOptions(model=args.model, threads=args.threads, backend=args.backend,
                         lm_heads=args.lm_head, repeat=args.repeat, n_ctx=args.ctx, tg=args.tg,
                         probe_mb=args.probe_mb, peer=args.peer, peer_models=args.peer_model,
