@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -75,7 +76,7 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
         dec.close()
 
 
-def _bitnet_config(hp, online_quant: bool):  # noqa: ARG001 - same config; quantization added on load
+def _bitnet_config(hp):
     from transformers import BitNetConfig
     cfg = BitNetConfig(vocab_size=hp.n_vocab, hidden_size=hp.n_embd, intermediate_size=hp.n_ff,
                        num_hidden_layers=hp.n_layer, num_attention_heads=hp.n_head,
@@ -97,7 +98,7 @@ def bench_transformers(hp, repeat: int, tg: int, online_quant: bool) -> dict:
     from transformers import BitNetForCausalLM
 
     name = "transformers BitNetForCausalLM bf16 static cache" + (" (autobitlinear online)" if online_quant else " (dense)")
-    cfg = _bitnet_config(hp, online_quant)
+    cfg = _bitnet_config(hp)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = BitNetForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -196,7 +197,8 @@ def format_report(report: dict, tg: int) -> str:
 
 def main_cuda(args) -> int:
     """The `bench --backend cuda` command (hooked from engine/cmd_bench.py)."""
-    report = run_cuda_bench(args.model, args.lm_head, args.repeat, args.tg, args.ctx)
+    peer = os.environ.get("TERN_BENCH_TRANSFORMERS", "1") != "0"   # 0: skip the transformers route
+    report = run_cuda_bench(args.model, args.lm_head, args.repeat, args.tg, args.ctx, peer)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
