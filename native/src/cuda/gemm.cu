@@ -141,7 +141,7 @@ gemm_kernel(const uint8_t *__restrict__ w, int64_t rows, int64_t k, const int8_t
                 const int64_t row = r_base + wn * 32 + nt * 8 + t4 * 2 + (e & 1);
                 if (tok >= n || row >= rows)
                     continue;
-                const int32_t v = T2 ? acc[mt][nt][e] - meta[tok].sum : acc[mt][nt][e];
+                const int32_t v = acc[mt][nt][e]; /* signed weights: no sum(x) correction */
                 if (epi == EPI_RAW) {
                     static_cast<int32_t *>(out)[tok * ldo + row] = v;
                     continue;
