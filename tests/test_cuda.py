@@ -202,7 +202,8 @@ def test_truncate_reuses_the_cache_and_errors_keep_state(byte_model):
         first = dec.forward(ids, all_logits=True)
         dec.truncate(10)
         again = dec.forward(ids[10:], all_logits=True)
-        np.testing.assert_array_equal(again, first[10:])
+        # 14 tokens split the attention differently from 24 (split-K): equal to float rounding
+        np.testing.assert_allclose(again, first[10:], rtol=0, atol=1e-5 * float(np.abs(first).max()))
         with pytest.raises(ContextOverflowError):
             dec.forward(teacher_ids(259, 9))
         with pytest.raises(NativeError):
@@ -247,7 +248,8 @@ def test_memcheck_is_clean(byte_model, tmp_path):
                     d.forward([t])
         print("memcheck run done")
         """))
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), str(REPO / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     res = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
                           sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     out = res.stdout + res.stderr
@@ -295,6 +297,7 @@ def test_cuda_build_compiles_and_runs_the_cpu_path(byte_model, tmp_path):
                 raise AssertionError("a CUDA decoder opened without a GPU")
         print("cpu path ok")
         """)
-    env = dict(os.environ, TERN_NATIVE_LIB=str(lib), PYTHONPATH=str(REPO))
+    env = dict(os.environ, TERN_NATIVE_LIB=str(lib), PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "cpu path ok" in res.stdout, res.stdout + res.stderr
