@@ -1,0 +1,57 @@
+/* The harnesses as a plain program (no libFuzzer): runs LLVMFuzzerTestOneInput once on each
+ * file named on the command line, for the corpus regression test and for reproducing a crash
+ * under any compiler. Exit status 0 when every input ran; a crash aborts the process. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static int run_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    uint8_t *data = NULL;
+    size_t size = 0, cap = 0;
+    for (;;) {
+        if (size == cap) {
+            cap = cap ? 2 * cap : 65536;
+            uint8_t *grown = realloc(data, cap);
+            if (!grown) {
+                free(data);
+                fclose(f);
+                return -1;
+            }
+            data = grown;
+        }
+        const size_t got = fread(data + size, 1, cap - size, f);
+        if (got == 0)
+            break;
+        size += got;
+    }
+    fclose(f);
+    /* An exact-size copy, so that ASan sees reads past the input's end as libFuzzer would. */
+    uint8_t *exact = malloc(size ? size : 1);
+    if (!exact) {
+        free(data);
+        return -1;
+    }
+    for (size_t i = 0; i < size; i++)
+        exact[i] = data[i];
+    free(data);
+    LLVMFuzzerTestOneInput(exact, size);
+    free(exact);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    int failed = 0;
+    for (int i = 1; i < argc; i++)
+        if (run_file(argv[i]) != 0) {
+            fprintf(stderr, "cannot read %s\n", argv[i]);
+            failed = 1;
+        }
+    return failed;
+}
