@@ -12,6 +12,7 @@ from PySide6.QtGui import QFontDatabase, QGuiApplication, QTextCursor, QTextOpti
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSizePolicy,
                                QTextBrowser, QToolButton, QVBoxLayout, QWidget)
 
+import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.markdown import split_markdown
 from app.theme import LIGHT, Colors, app_icon, icon
 

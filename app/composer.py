@@ -7,6 +7,7 @@ from PySide6.QtGui import QKeyEvent
 from PySide6.QtWidgets import (QComboBox, QFrame, QHBoxLayout, QInputDialog, QLabel, QPlainTextEdit,
                                QPushButton, QToolButton, QVBoxLayout, QWidget)
 
+import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.theme import Colors, icon
 
 MAX_INPUT_LINES = 8

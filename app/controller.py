@@ -11,6 +11,7 @@ import time
 
 from PySide6.QtCore import QObject, Signal
 
+import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.settings import AppSettings
 from app.store import Conversation, Store, StoredMessage
 from app.worker import EngineHost

@@ -10,6 +10,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QButtonGroup, QDialog, QDialogButtonBox, QHBoxLayout, QLabel, QRadioButton,
                                QVBoxLayout, QWidget)
 
+import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.theme import Colors, icon
 
 

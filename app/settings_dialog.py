@@ -6,6 +6,7 @@ from dataclasses import replace
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                                QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.settings import AppSettings, max_threads
 
 BACKEND_LABELS = [("auto", "Automatic (fastest available)"), ("native", "CPU — Tern's native kernels"),

@@ -8,6 +8,7 @@ from PySide6.QtGui import QColor, QFont, QPainter
 from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem, QMenu,
                                QPushButton, QStyle, QStyledItemDelegate, QToolButton, QVBoxLayout, QWidget)
 
+import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.store import Conversation
 from app.theme import Colors, app_icon, icon
 

@@ -5,15 +5,17 @@ from engine.library import Library
 from tests.test_app_harness import bitnet_path, tern_app, tern_home  # noqa: F401
 
 
-def _listed(qtbot, app):
-    with qtbot.waitSignal(app.worker.models_listed, timeout=10000):
-        app.controller.host.list_models()
+def _listed(qtbot, app, path):
+    """Ask the worker for the library again and wait until the picker shows `path` (an answer to
+    the window's own request at start may arrive first)."""
+    app.controller.host.list_models()
+    qtbot.waitUntil(lambda: app.window.model_picker.findData(str(path)) >= 0, timeout=10000)
 
 
 def test_picker_lists_library_models_and_loads_the_chosen_one(qtbot, tern_app, bitnet_path):
     app = tern_app
     Library().add(bitnet_path)
-    _listed(qtbot, app)
+    _listed(qtbot, app, bitnet_path)
     picker = app.window.model_picker
     index = picker.findData(str(bitnet_path))
     assert index >= 0 and "I2_S" in picker.itemText(index)
