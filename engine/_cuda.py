@@ -59,6 +59,8 @@ def declare(h: ctypes.CDLL) -> bool:
     fn("tern_cuda_forward", ctypes.c_int32, vp, c_int32_p, ctypes.c_int32, c_float_p, ctypes.c_int32)
     # void tern_cuda_cancel(tern_cuda_session *session);
     fn("tern_cuda_cancel", None, vp)
+    # int32_t tern_cuda_session_graph_active(const tern_cuda_session *session);
+    fn("tern_cuda_session_graph_active", ctypes.c_int32, vp)
     # int32_t tern_cuda_kernel_test(int32_t op, const void *w, uint64_t w_size, int64_t rows,
     #                               int64_t k, const int8_t *x, int64_t n, int32_t *y);
     fn("tern_cuda_kernel_test", ctypes.c_int32, ctypes.c_int32, vp, ctypes.c_uint64, ctypes.c_int64,

@@ -127,6 +127,11 @@ class CudaDecoder:
         return int(lib().tern_cuda_session_n_past(self._live()))
 
     @property
+    def graph_active(self) -> bool:
+        """Whether decode replays a captured CUDA graph (after the first one-token forward)."""
+        return bool(lib().tern_cuda_session_graph_active(self._live()))
+
+    @property
     def model_handle(self) -> ctypes.c_void_p:
         return self._handle
 

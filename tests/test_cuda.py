@@ -190,6 +190,7 @@ def test_decode_graph_equals_prefill(byte_model):
         dec.truncate(0)
         steps = np.stack([dec.forward([int(t)]) for t in ids])
         assert dec.n_past == len(ids)
+        assert dec.graph_active == (os.environ.get("TERN_CUDA_GRAPH") != "0")
     assert top5_agreement(full, steps) >= TOP5_MIN_AGREEMENT
     np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
 

@@ -44,6 +44,8 @@ TERN_API int32_t tern_cuda_session_copy(tern_cuda_session *dst, const tern_cuda_
 TERN_API int32_t tern_cuda_forward(tern_cuda_session *session, const int32_t *tokens, int32_t n,
                                    float *out_logits, int32_t all_logits);
 TERN_API void tern_cuda_cancel(tern_cuda_session *session);
+/* 1 once decode runs as a replayed CUDA graph, 0 before the first decode or without graphs. */
+TERN_API int32_t tern_cuda_session_graph_active(const tern_cuda_session *session);
 
 /* Kernel test entry, the GPU twin of tern_kernel_test (op 0 gemv_t2, 1 gemm_t2, 2 gemv_i8,
  * 3 gemm_i8): y = n x rows int32 exact dot products of host buffers. */

@@ -7,7 +7,8 @@
 
 namespace {
 
-constexpr int kNormThreads = 256;
+constexpr int kNormThreads = 1024;
+constexpr int kNormPerThread = 8; /* widths up to 8192 */
 
 __device__ __forceinline__ float act(float g, bool relu2)
 {
@@ -19,7 +20,7 @@ __device__ __forceinline__ float act(float g, bool relu2)
 }
 
 template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T *smem)
+__device__ T block_reduce(T v, Op op, T *smem, T identity)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     for (int o = 16; o > 0; o >>= 1)
@@ -28,16 +29,18 @@ __device__ T block_reduce(T v, Op op, T *smem)
     if (lane == 0)
         smem[warp] = v;
     __syncthreads();
-    T r = smem[0];
-    for (int i = 1; i < nw; i++)
-        r = op(r, smem[i]);
-    return r;
+    v = lane < nw ? smem[lane] : identity;
+    for (int o = 16; o > 0; o >>= 1)
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
 }
 
 struct add_f { __device__ float operator()(float a, float b) const { return a + b; } };
 struct max_f { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
 struct add_i { __device__ int operator()(int a, int b) const { return a + b; } };
 
+/* One block per token row; every value the thread needs is loaded in one burst into registers
+ * (the row is read once; the three passes run from registers). */
 template <bool GLU>
 __global__ void __launch_bounds__(kNormThreads)
 norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restrict__ w, int width,
@@ -48,31 +51,45 @@ norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restr
     __shared__ int si[32];
     const int t = blockIdx.x;
     const float *row = x + (int64_t)t * ldx;
-    auto value = [&](int i) {
-        return GLU ? __fmul_rn(act(row[i], relu2), row[width + i]) : row[i];
-    };
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        const float v = value(i);
-        ss = __fadd_rn(ss, __fmul_rn(v, v));
+    float v[kNormPerThread], wv[kNormPerThread], up[kNormPerThread];
+#pragma unroll
+    for (int j = 0; j < kNormPerThread; j++) {
+        const int i = threadIdx.x + j * kNormThreads;
+        const bool in = i < width;
+        v[j] = in ? row[i] : 0.0f;
+        wv[j] = in ? w[i] : 0.0f;
+        up[j] = GLU && in ? row[width + i] : 0.0f;
     }
-    ss = block_reduce(ss, add_f(), sf);
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kNormPerThread; j++) {
+        if (GLU)
+            v[j] = __fmul_rn(act(v[j], relu2), up[j]);
+        ss = __fadd_rn(ss, __fmul_rn(v[j], v[j]));
+    }
+    ss = block_reduce(ss, add_f(), sf, 0.0f);
     const float r = sqrtf(__fadd_rn(__fdiv_rn(ss, (float)width), eps));
     float amax = 0.0f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x)
-        amax = fmaxf(amax, fabsf(__fmul_rn(__fdiv_rn(value(i), r), w[i])));
-    amax = block_reduce(amax, max_f(), sf);
+#pragma unroll
+    for (int j = 0; j < kNormPerThread; j++) {
+        v[j] = __fmul_rn(__fdiv_rn(v[j], r), wv[j]);
+        amax = fmaxf(amax, fabsf(v[j]));
+    }
+    amax = block_reduce(amax, max_f(), sf, 0.0f);
     const float s = __fdiv_rn(127.0f, amax > 1e-5f ? amax : 1e-5f);
     int sum = 0;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        const float y = __fmul_rn(__fdiv_rn(value(i), r), w[i]);
-        const float q = fminf(fmaxf(rintf(__fmul_rn(y, s)), -128.0f), 127.0f);
-        xq[(int64_t)t * width + i] = (int8_t)q;
-        sum += (int)q;
-        if (xf)
-            xf[(int64_t)t * width + i] = y;
+#pragma unroll
+    for (int j = 0; j < kNormPerThread; j++) {
+        const int i = threadIdx.x + j * kNormThreads;
+        if (i < width) {
+            const float q = fminf(fmaxf(rintf(__fmul_rn(v[j], s)), -128.0f), 127.0f);
+            xq[(int64_t)t * width + i] = (int8_t)q;
+            sum += (int)q;
+            if (xf)
+                xf[(int64_t)t * width + i] = v[j];
+        }
     }
-    sum = block_reduce(sum, add_i(), si);
+    sum = block_reduce(sum, add_i(), si, 0);
     if (threadIdx.x == 0) {
         meta[t].s = s;
         meta[t].sum = sum;
@@ -170,23 +187,47 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     float m = -INFINITY, l = 0.0f;
     const KV *kb = k_cache + (int64_t)grp * HD + lane * D;
     const KV *vb = v_cache + (int64_t)grp * HD + lane * D;
-    for (int p = p0 + warp; p < p1; p += kAttWarps) {
-        float kf[D], vf[D];
-        load_kv<D>(kb + (int64_t)p * kv_dim, kf);
-        load_kv<D>(vb + (int64_t)p * kv_dim, vf);
-        float dot = 0.0f;
+    /* each warp takes 4 positions per step: their loads are in flight together */
+    for (int p = p0 + warp * 4; p < p1; p += kAttWarps * 4) {
+        float kf[4][D], vf[4][D], sc[4];
 #pragma unroll
-        for (int i = 0; i < D; i++)
-            dot = fmaf(q[i], kf[i], dot);
+        for (int j = 0; j < 4; j++) {
+            const int pj = p + j < p1 ? p + j : p;
+            load_kv<D>(kb + (int64_t)pj * kv_dim, kf[j]);
+            load_kv<D>(vb + (int64_t)pj * kv_dim, vf[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < D; i++)
+                dot = fmaf(q[i], kf[j][i], dot);
+            sc[j] = dot;
+        }
+#pragma unroll
         for (int off = 16; off > 0; off >>= 1)
-            dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float sc = dot * scale;
-        const float mn = fmaxf(m, sc);
-        const float corr = expf(m - mn), pe = expf(sc - mn);
-        l = l * corr + pe;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                sc[j] += __shfl_xor_sync(0xffffffffu, sc[j], off);
+        float mn = m;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            sc[j] = p + j < p1 ? sc[j] * scale : -INFINITY;
+            mn = fmaxf(mn, sc[j]);
+        }
+        const float corr = expf(m - mn);
+        l *= corr;
 #pragma unroll
         for (int i = 0; i < D; i++)
-            o[i] = o[i] * corr + pe * vf[i];
+            o[i] *= corr;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float pe = expf(sc[j] - mn);
+            l += pe;
+#pragma unroll
+            for (int i = 0; i < D; i++)
+                o[i] = fmaf(pe, vf[j][i], o[i]);
+        }
         m = mn;
     }
     if (lane == 0) {
@@ -218,25 +259,43 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     }
 }
 
-/* grid (n_head, n), block head_dim: merge the splits and normalize into out (n x n_embd). */
+/* grid (n_head, n), block head_dim (>= nsplit): merge the splits and normalize into out. */
 __global__ void attention_combine_kernel(const float *__restrict__ partial, int n_head, int hd,
                                          int nsplit, float *__restrict__ out)
 {
+    __shared__ float wgt[64];
+    __shared__ float total;
     const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
     const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++)
-        M = fmaxf(M, src[s * (hd + 2)]);
-    float L = 0.0f, acc = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-        const float *p = src + s * (hd + 2);
-        if (p[0] == -INFINITY)
-            continue;
-        const float f = expf(p[0] - M);
-        L += p[1] * f;
-        acc += p[2 + d] * f;
+    if (d < 32) {
+        float mx[2] = {-INFINITY, -INFINITY}, lv[2] = {0.0f, 0.0f};
+        for (int k = 0; k < 2; k++) {
+            const int sp = d + 32 * k;
+            if (sp < nsplit) {
+                mx[k] = src[sp * (hd + 2)];
+                lv[k] = src[sp * (hd + 2) + 1];
+            }
+        }
+        float M = fmaxf(mx[0], mx[1]);
+        for (int off = 16; off > 0; off >>= 1)
+            M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+        float L = 0.0f;
+        for (int k = 0; k < 2; k++) {
+            const float f = mx[k] == -INFINITY ? 0.0f : expf(mx[k] - M);
+            wgt[d + 32 * k] = f;
+            L += lv[k] * f;
+        }
+        for (int off = 16; off > 0; off >>= 1)
+            L += __shfl_xor_sync(0xffffffffu, L, off);
+        if (d == 0)
+            total = L;
     }
-    out[(int64_t)t * n_head * hd + (int64_t)h * hd + d] = acc / L;
+    __syncthreads();
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < nsplit; sp++)
+        acc += src[sp * (hd + 2) + 2 + d] * wgt[sp];
+    out[(int64_t)t * n_head * hd + (int64_t)h * hd + d] = acc / total;
 }
 
 } // namespace
@@ -245,6 +304,9 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
                           int32_t n, bool glu, bool relu2, int8_t *xq, act_meta *meta, float *xf,
                           cudaStream_t st)
 {
+    if (width < 1 || width > (int64_t)kNormThreads * kNormPerThread)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda norm: width %lld is outside 1..%d", (long long)width,
+                         kNormThreads * kNormPerThread);
     if (glu)
         norm_quant_kernel<true><<<n, kNormThreads, 0, st>>>(x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
     else
