@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Atheris harness over the Python GGUF reader, load_model and native model creation.
 
     python tests/fuzz_atheris.py CORPUS_DIR [libFuzzer flags, e.g. -max_total_time=600]
@@ -167,9 +168,11 @@ def make_seeds(out_dir: Path, bases: list[tuple[bytes, int]]) -> list[Path]:
 # ---- atheris entry --------------------------------------------------------------------------
 
 def main(argv: list[str]) -> None:
-    # The checkout first: the editable install's import hook hides modules from atheris's
-    # instrumentation (the native library comes from TERN_NATIVE_LIB).
+    # The checkout through the plain path finder: the editable install's import hook would
+    # hand atheris a loader it cannot instrument (no coverage at all). The native library
+    # comes from TERN_NATIVE_LIB.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
     work = Path(tempfile.mkdtemp(prefix="tern-atheris-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     if argv[1:2] == ["--make-seeds"]:
         make_seeds(Path(argv[2]), load_bases(work))
