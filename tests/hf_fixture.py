@@ -18,6 +18,11 @@ import numpy as np
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
+# A small embedding lets the layers, not the input token's own embedding, decide the logits (with
+# a tied head, a large embedding makes every argmax the input token); the large final norm
+# gives logits of a real model's size (std ~10) so that top-2 margins are rarely below 0.05.
+EMBEDDING_STD = 0.05
+OUTPUT_NORM_MEAN = 20.0
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -79,7 +84,7 @@ def random_master_weights(seed: int, vocab_size: int, tie: bool, dims: dict) -> 
     def rand(shape, std, mean=0.0):
         return bf16_to_f32(bf16_bits(rng.normal(mean, std, size=shape).astype(np.float32)))
 
-    w = {"model.embed_tokens.weight": rand((vocab_size, h), 1.0)}
+    w = {"model.embed_tokens.weight": rand((vocab_size, h), EMBEDDING_STD)}
     for i in range(dims["num_hidden_layers"]):
         p = f"model.layers.{i}."
         for name in LINEARS:
@@ -89,7 +94,7 @@ def random_master_weights(seed: int, vocab_size: int, tie: bool, dims: dict) -> 
         w[p + "post_attention_layernorm.weight"] = rand((h,), 0.2, 1.0)
         w[p + "self_attn.attn_sub_norm.weight"] = rand((h,), 0.2, 1.0)
         w[p + "mlp.ffn_sub_norm.weight"] = rand((ff,), 0.2, 1.0)
-    w["model.norm.weight"] = rand((h,), 0.2, 1.0)
+    w["model.norm.weight"] = rand((h,), 0.1 * OUTPUT_NORM_MEAN, OUTPUT_NORM_MEAN)
     if not tie:
         w["lm_head.weight"] = rand((vocab_size, h), 0.05)
     return w

@@ -99,6 +99,16 @@ def test_master_weights_are_ternarized_with_absmean(master, hf_weights, tmp_path
             assert 0.4 < np.mean(codes != 0) < 0.8                  # a real ternary matrix, not all zero
 
 
+@pytest.mark.parametrize("fmt", ["tq1_0", "tq2_0"])
+def test_tq_formats_keep_codes_with_an_f16_scale(fmt, master, hf_weights, tmp_path):
+    with load_model(convert(master, tmp_path / "m.gguf", fmt)) as model:
+        for hf, field in _FIELDS.items():
+            codes, scale = quants.ternarize_absmean(hf_weights[f"model.layers.1.{hf}.weight"])
+            got_codes, got_scale = _ternary(model, 1, field)
+            assert np.array_equal(got_codes, codes), hf
+            assert got_scale == np.float32(np.float16(scale)), hf       # one f16 d per 256-weight block
+
+
 def test_float_formats_ternarize_at_load_to_the_same_weights(master, tmp_path):
     ref = load_model(convert(master, tmp_path / "i2s.gguf", "i2_s", embedding_type="bf16"))
     flt = load_model(convert(master, tmp_path / "bf16.gguf", "bf16"))
