@@ -157,6 +157,7 @@ class SafetensorsDir:
 
     def __init__(self, hf_dir):
         root = Path(hf_dir)
+        self.root = root
         self._maps: dict[Path, mmap.mmap] = {}
         self.tensors: dict[str, _StTensor] = {}
         files = sorted(root.glob("*.safetensors"))
@@ -192,21 +193,21 @@ class SafetensorsDir:
             self.tensors[name] = _check_entry(path, name, entry, base, size)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._get(name).shape
+        return self.info(name).shape
 
     def dtype(self, name: str) -> str:
-        return self._get(name).dtype
+        return self.info(name).dtype
 
     def raw(self, name: str) -> np.ndarray:
         """The stored values (bf16 as uint16 bit patterns), shaped, without a copy."""
-        t = self._get(name)
+        t = self.info(name)
         arr = np.frombuffer(self._maps[t.file], dtype=_ST_DTYPES[t.dtype], count=int(np.prod(t.shape)),
                             offset=t.begin) if t.end > t.begin else np.empty(0, _ST_DTYPES[t.dtype])
         return arr.reshape(t.shape)
 
     def float32(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows start..stop (along the first axis) as float32."""
-        t = self._get(name)
+        t = self.info(name)
         if t.dtype not in ("BF16", "F16", "F32", "F64"):
             raise ModelFormatError(t.file, f"dtype {t.dtype}, expected a float type", tensor=name)
         raw = self.raw(name)[start:stop]
@@ -214,9 +215,9 @@ class SafetensorsDir:
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32)
 
-    def _get(self, name: str) -> _StTensor:
+    def info(self, name: str) -> _StTensor:
         if name not in self.tensors:
-            raise ModelFormatError(next(iter(self._maps), "checkpoint"), "missing tensor", tensor=name)
+            raise ModelFormatError(self.root, "missing tensor", tensor=name)
         return self.tensors[name]
 
     def close(self) -> None:
@@ -257,7 +258,7 @@ def unpack_hf_rows(packed: np.ndarray, rows: int) -> np.ndarray:
 def packed_ternary(st: SafetensorsDir, cfg: HFBitNetConfig, hf: str, rows: int, cols: int) -> tuple[np.ndarray, np.float32]:
     """(codes, scale) of a packed BitLinear weight, kept exactly."""
     name = hf + ".weight"
-    t = st.tensors[name]
+    t = st.info(name)
     if rows % 4 or st.shape(name) != (rows // 4, cols):
         raise ModelFormatError(t.file, f"packed shape {list(st.shape(name))}, expected {[rows // 4, cols]}", tensor=name)
     codes = unpack_hf_rows(st.raw(name), rows)
@@ -302,7 +303,7 @@ def _linear_tensor(st, cfg, hf: str, gguf: str, rows: int, cols: int, fmt: str, 
 
 def _float_matrix(st: SafetensorsDir, name: str, rows: int, cols: int) -> np.ndarray:
     if st.shape(name) != (rows, cols):
-        raise ModelFormatError(st.tensors[name].file, f"shape {list(st.shape(name))}, expected {[rows, cols]}",
+        raise ModelFormatError(st.info(name).file, f"shape {list(st.shape(name))}, expected {[rows, cols]}",
                                tensor=name)
     return st.float32(name)
 
@@ -311,7 +312,7 @@ def _float_tensor(st, hf: str, gguf: str, shape: tuple[int, ...], ggml_type: int
     """A norm (1-D) or embedding (2-D, HF (rows, cols) = ggml (cols, rows)); same memory order.
     Written a few MB at a time: a 2B4T embedding is 1.3 GB as float32."""
     def chunks():
-        file = st.tensors[hf].file if hf in st.tensors else None
+        file = st.info(hf).file
         if st.shape(hf) != shape:
             raise ModelFormatError(file, f"shape {list(st.shape(hf))}, expected {list(shape)}", tensor=hf)
         step = max(1, _CHUNK_ELEMENTS // shape[-1]) if len(shape) == 2 else shape[0]

@@ -250,7 +250,7 @@ def test_rope_parameters_style_config(master, tmp_path):
         assert f.metadata["bitnet-b1.58.rope.freq_base"] == 10000.0
 
 
-def test_broken_files_raise_model_format_errors(master, tmp_path):
+def test_broken_files_raise_model_format_errors(master, packed, tmp_path):
     missing = tmp_path / "empty"
     missing.mkdir()
     with pytest.raises(ModelFormatError, match="config.json"):
@@ -263,6 +263,7 @@ def test_broken_files_raise_model_format_errors(master, tmp_path):
         with pytest.raises(ModelFormatError):
             convert(bad, tmp_path / f"{name}.gguf", "i2_s")
         assert not (tmp_path / f"{name}.gguf").exists()
-    shallow = _copy(master, tmp_path / "deeper", lambda c: c.update(num_hidden_layers=3))
-    with pytest.raises(ModelFormatError, match="model.layers.2"):
-        convert(shallow, tmp_path / "d.gguf", "i2_s")
+    for kind, src in (("master", master), ("packed", packed)):
+        shallow = _copy(src, tmp_path / f"deeper-{kind}", lambda c: c.update(num_hidden_layers=3))
+        with pytest.raises(ModelFormatError, match="model.layers.2"):
+            convert(shallow, tmp_path / "d.gguf", "i2_s")
