@@ -38,6 +38,41 @@ struct dmat {
                              cudaGetErrorString(err_), __FILE__, __LINE__);                 \
     } while (0)
 
+/* Programmatic dependent launch (Hopper): with TERN_CUDA_PDL unset or not 0, a kernel on a
+ * session's stream may start while its predecessor finishes, and does only read-only work
+ * (weight loads) before grid_wait(), which returns once the predecessor's writes are visible. */
+__device__ __forceinline__ void grid_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+bool pdl_enabled(void);
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t st, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.stream = st;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
+#define LAUNCH(what, ...)                                                                   \
+    do {                                                                                    \
+        const cudaError_t e_ = launch_k(__VA_ARGS__);                                       \
+        if (e_ != cudaSuccess)                                                              \
+            return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching %s: %s", what,          \
+                             cudaGetErrorString(e_));                                       \
+    } while (0)
+
 /* Status of the last launch (a bad configuration shows here, a fault at the next sync). */
 int32_t cuda_launch_status(const char *what);
 

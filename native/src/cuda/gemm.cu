@@ -102,6 +102,7 @@ gemm_kernel(const uint8_t *__restrict__ w, int64_t rows, int64_t k, const int8_t
             for (int e = 0; e < 4; e++)
                 acc[i][j][e] = 0;
     const int nk = (int)(k / BK);
+    grid_wait();
     tiles<T2> tl;
     tl.load(w, rows, k, xq, n, t_base, r_base, 0, tid);
     for (int kb = 0; kb < nk; kb++) {
@@ -161,8 +162,8 @@ int32_t launch_gemm(const dmat &m, bool t2, const int8_t *xq, const act_meta *me
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda gemm: k=%lld is not a multiple of %d", (long long)m.cols, BK);
     const dim3 grid((unsigned)((m.rows + BN - 1) / BN), (unsigned)((n + BM - 1) / BM));
     if (t2)
-        gemm_kernel<true><<<grid, kThreads, 0, st>>>(m.w, m.rows, m.cols, xq, meta, n, m.scale, out, ldo, epi);
+        LAUNCH("gemm", gemm_kernel<true>, grid, kThreads, st, m.w, m.rows, m.cols, xq, meta, n, m.scale, out, ldo, epi);
     else
-        gemm_kernel<false><<<grid, kThreads, 0, st>>>(m.w, m.rows, m.cols, xq, meta, n, m.scale, out, ldo, epi);
+        LAUNCH("gemm", gemm_kernel<false>, grid, kThreads, st, m.w, m.rows, m.cols, xq, meta, n, m.scale, out, ldo, epi);
     return cuda_launch_status("gemm");
 }

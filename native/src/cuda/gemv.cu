@@ -5,6 +5,8 @@
  * so the activation values a lane needs are the same for all its rows: they are loaded into
  * registers once, and the weights stream from HBM with all of a lane's loads issued before
  * the first use. NCH (chunks per lane) is a template parameter so the arrays stay in registers. */
+#include <stdlib.h>
+
 #include "common.cuh"
 
 namespace {
@@ -55,6 +57,18 @@ gemv_t2_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
     const int64_t r0 = ((int64_t)blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
     if (r0 >= rows)
         return;
+    const int64_t rb = (int64_t)nchunks * 16;
+    uint4 wv[kRows][NCH];
+#pragma unroll
+    for (int r = 0; r < kRows; r++)
+#pragma unroll
+        for (int c = 0; c < NCH; c++) {
+            const int ch = lane + c * 32;
+            wv[r][c] = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u); /* code 1 = 0 */
+            if (r0 + r < rows && ch < nchunks)
+                wv[r][c] = load_stream(w + (r0 + r) * rb + ch * 16);
+        }
+    grid_wait(); /* the activations come from the previous kernel */
     int xr[NCH][16];
 #pragma unroll
     for (int c = 0; c < NCH; c++) {
@@ -67,17 +81,6 @@ gemv_t2_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
             xr[c][g * 4 + 0] = v.x; xr[c][g * 4 + 1] = v.y; xr[c][g * 4 + 2] = v.z; xr[c][g * 4 + 3] = v.w;
         }
     }
-    const int64_t rb = (int64_t)nchunks * 16;
-    uint4 wv[kRows][NCH];
-#pragma unroll
-    for (int r = 0; r < kRows; r++)
-#pragma unroll
-        for (int c = 0; c < NCH; c++) {
-            const int ch = lane + c * 32;
-            wv[r][c] = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u); /* code 1 = 0 */
-            if (r0 + r < rows && ch < nchunks)
-                wv[r][c] = load_stream(w + (r0 + r) * rb + ch * 16);
-        }
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
         int32_t acc = 0;
@@ -107,12 +110,6 @@ gemv_i8_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
     const int64_t r0 = ((int64_t)blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
     if (r0 >= rows)
         return;
-    int4 xr[NCH];
-#pragma unroll
-    for (int c = 0; c < NCH; c++) {
-        const int ch = lane + c * 32;
-        xr[c] = ch < nchunks ? *reinterpret_cast<const int4 *>(xq + ch * 16) : make_int4(0, 0, 0, 0);
-    }
     const int64_t rb = (int64_t)nchunks * 16;
     uint4 wv[kRows][NCH];
 #pragma unroll
@@ -124,6 +121,13 @@ gemv_i8_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
             if (r0 + r < rows && ch < nchunks)
                 wv[r][c] = load_stream(w + (r0 + r) * rb + ch * 16);
         }
+    grid_wait();
+    int4 xr[NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; c++) {
+        const int ch = lane + c * 32;
+        xr[c] = ch < nchunks ? *reinterpret_cast<const int4 *>(xq + ch * 16) : make_int4(0, 0, 0, 0);
+    }
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
         int32_t acc = 0;
@@ -151,6 +155,7 @@ gemv_float_kernel(const T *__restrict__ w, int64_t rows, int64_t cols, const flo
     if (r >= rows)
         return;
     const T *row = w + r * cols;
+    grid_wait();
     for (int32_t t = 0; t < n; t++) {
         const float *x = xf + (int64_t)t * cols;
         float acc = 0.0f;
@@ -174,6 +179,17 @@ int32_t chunks_per_lane(int64_t nchunks, const char *what)
 
 } // namespace
 
+bool pdl_enabled(void)
+{
+    static const bool on = [] {
+        const char *env = getenv("TERN_CUDA_PDL");
+        int major = 0;
+        return !(env && env[0] == '0') && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess &&
+               major >= 9;
+    }();
+    return on;
+}
+
 int32_t cuda_launch_status(const char *what)
 {
     const cudaError_t err = cudaGetLastError();
@@ -184,7 +200,7 @@ int32_t cuda_launch_status(const char *what)
 
 #define GEMV_CASE(KERNEL, N)                                                                    \
     case N:                                                                                     \
-        KERNEL<N><<<blocks, kWarps * 32, 0, st>>>(m.w, m.rows, nchunks, xq, meta, m.scale, out, epi); \
+        LAUNCH(#KERNEL, KERNEL<N>, blocks, kWarps * 32, st, m.w, m.rows, nchunks, xq, meta, m.scale, out, epi); \
         break;
 
 int32_t launch_gemv_t2(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
@@ -228,8 +244,8 @@ int32_t launch_gemv_float(const void *w, bool half_rows, int64_t rows, int64_t c
 {
     const unsigned blocks = (unsigned)((rows + kWarps - 1) / kWarps);
     if (half_rows)
-        gemv_float_kernel<__half><<<blocks, kWarps * 32, 0, st>>>(static_cast<const __half *>(w), rows, cols, xf, n, out);
+        LAUNCH("gemv_float", gemv_float_kernel<__half>, blocks, kWarps * 32, st, static_cast<const __half *>(w), rows, cols, xf, n, out);
     else
-        gemv_float_kernel<float><<<blocks, kWarps * 32, 0, st>>>(static_cast<const float *>(w), rows, cols, xf, n, out);
+        LAUNCH("gemv_float", gemv_float_kernel<float>, blocks, kWarps * 32, st, static_cast<const float *>(w), rows, cols, xf, n, out);
     return cuda_launch_status("gemv_float");
 }

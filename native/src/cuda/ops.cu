@@ -51,6 +51,7 @@ norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restr
     __shared__ int si[32];
     const int t = blockIdx.x;
     const float *row = x + (int64_t)t * ldx;
+    grid_wait();
     float v[kNormPerThread], wv[kNormPerThread], up[kNormPerThread];
 #pragma unroll
     for (int j = 0; j < kNormPerThread; j++) {
@@ -107,6 +108,7 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
 {
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = hd / 2;
     const int64_t kv_dim = (int64_t)n_head_kv * hd, e = (int64_t)n_head * hd;
+    grid_wait();
     const int64_t pos = *pos0 + t;
     float *row = qkv + (int64_t)t * (e + 2 * kv_dim);
     if (h >= n_head + n_head_kv) {
@@ -173,6 +175,7 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     const int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int64_t kv_dim = (int64_t)n_head_kv * HD, e = (int64_t)n_head * HD;
+    grid_wait();
     const int npos = *pos0 + t + 1;
     const int chunk = (npos + nsplit - 1) / nsplit, p0 = sp * chunk;
     const int p1 = min(npos, p0 + chunk);
@@ -267,6 +270,7 @@ __global__ void attention_combine_kernel(const float *__restrict__ partial, int 
     __shared__ float total;
     const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
     const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (hd + 2);
+    grid_wait();
     if (d < 32) {
         float mx[2] = {-INFINITY, -INFINITY}, lv[2] = {0.0f, 0.0f};
         for (int k = 0; k < 2; k++) {
@@ -308,9 +312,9 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda norm: width %lld is outside 1..%d", (long long)width,
                          kNormThreads * kNormPerThread);
     if (glu)
-        norm_quant_kernel<true><<<n, kNormThreads, 0, st>>>(x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
+        LAUNCH("norm_quant", norm_quant_kernel<true>, n, kNormThreads, st, x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
     else
-        norm_quant_kernel<false><<<n, kNormThreads, 0, st>>>(x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
+        LAUNCH("norm_quant", norm_quant_kernel<false>, n, kNormThreads, st, x, ldx, w, (int)width, eps, relu2, xq, meta, xf);
     return cuda_launch_status("norm_quant");
 }
 
@@ -320,24 +324,23 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
 {
     const dim3 grid((unsigned)n, (unsigned)(n_head + 2 * n_head_kv));
     if (kv_f32)
-        rope_store_kernel<float><<<grid, head_dim / 2, 0, st>>>(qkv, n_head, n_head_kv, head_dim, rope_cos, rope_sin,
-                                                                pos, (float *)k_cache, (float *)v_cache);
+        LAUNCH("rope_store", rope_store_kernel<float>, grid, head_dim / 2, st, qkv, n_head, n_head_kv, head_dim, rope_cos,
+               rope_sin, pos, (float *)k_cache, (float *)v_cache);
     else
-        rope_store_kernel<__half><<<grid, head_dim / 2, 0, st>>>(qkv, n_head, n_head_kv, head_dim, rope_cos, rope_sin,
-                                                                 pos, (__half *)k_cache, (__half *)v_cache);
+        LAUNCH("rope_store", rope_store_kernel<__half>, grid, head_dim / 2, st, qkv, n_head, n_head_kv, head_dim, rope_cos,
+               rope_sin, pos, (__half *)k_cache, (__half *)v_cache);
     return cuda_launch_status("rope_store");
 }
 
 template <int D>
-static void attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const float *qkv, int n_head, int n_head_kv,
-                          const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial)
+static cudaError_t attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const float *qkv, int n_head, int n_head_kv,
+                                 const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial)
 {
     if (kv_f32)
-        attention_kernel<D, float><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, (const float *)k_cache,
-                                                                    (const float *)v_cache, pos, scale, partial);
-    else
-        attention_kernel<D, __half><<<grid, kAttWarps * 32, 0, st>>>(qkv, n_head, n_head_kv, (const __half *)k_cache,
-                                                                     (const __half *)v_cache, pos, scale, partial);
+        return launch_k(attention_kernel<D, float>, grid, kAttWarps * 32, st, qkv, n_head, n_head_kv,
+                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial);
+    return launch_k(attention_kernel<D, __half>, grid, kAttWarps * 32, st, qkv, n_head, n_head_kv,
+                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial);
 }
 
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
@@ -347,18 +350,18 @@ int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_
 {
     const dim3 grid((unsigned)n_head, (unsigned)n, (unsigned)n_split);
     const float scale = (float)(1.0 / sqrt((double)head_dim));
+    cudaError_t err;
     switch (head_dim) {
-    case 32: attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 64: attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 128: attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 256: attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
     default:
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
     }
-    int32_t status = cuda_launch_status("attention");
-    if (status != TERN_OK)
-        return status;
-    attention_combine_kernel<<<dim3((unsigned)n_head, (unsigned)n), head_dim, 0, st>>>(partial, n_head, head_dim,
-                                                                                       n_split, out);
-    return cuda_launch_status("attention_combine");
+    if (err != cudaSuccess)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching attention: %s", cudaGetErrorString(err));
+    LAUNCH("attention_combine", attention_combine_kernel, dim3((unsigned)n_head, (unsigned)n), head_dim, st, partial,
+           n_head, head_dim, n_split, out);
+    return TERN_OK;
 }
