@@ -24,7 +24,9 @@ parts to rounding):
       q   = clamp(round_half_even(x * s), -128, 127)    (x * s rounded to float32 first)
       acc = q · codes                                   (exact integer sum, int32)
       y   = float32(acc) / s * scale                    (two float32 roundings, in this order)
-  |acc| <= 128 * K < 2**24 for every BitNet shape, so float32(acc) is exact.
+  |acc| <= 128 * K < 2**24 for every BitNet shape, so float32(acc) is exact. (transformers
+  computes s as 127 * (1 / max|x|), one ulp off for about a quarter of the rows; the
+  oracle test measures what that changes.)
 - RoPE angles pos * theta**(-2i/head_dim) are computed in float64, then cos/sin rounded to
   float32; the rotation itself is float32.
 - Attention scores q·k / sqrt(head_dim) and the softmax (max subtracted) are float32.
