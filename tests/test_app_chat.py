@@ -11,10 +11,9 @@ from tests.test_app_harness import (GapMeter, bitnet_path, build_app, tern_app, 
                                     with_settings)
 
 
-def test_send_streams_batches_and_the_gui_never_stalls(qtbot, tern_app, tiny_model_path):
+def test_send_streams_batches_and_the_gui_never_stalls(qtbot, tern_app, bitnet_path):
     app = tern_app
-    # the 128k vocabulary: end tokens are rare, so the reply runs its full length
-    app.load(qtbot, tiny_model_path("i2_s", seed=1, tokenizer=True))
+    app.load(qtbot, bitnet_path)
     assert app.window.status_backend.text().startswith("reference")
     app.controller.apply_settings(with_settings(max_tokens=200))
     batches: list[tuple[float, str]] = []
@@ -24,7 +23,7 @@ def test_send_streams_batches_and_the_gui_never_stalls(qtbot, tern_app, tiny_mod
     reply = app.send(qtbot, "Tell me about terns.")
     meter.stop()
 
-    assert reply.status == "complete" and reply.stats["generated"] == 200
+    assert reply.status == "complete" and reply.stats["generated"] >= 30
     assert "".join(text for _, text in batches) == reply.content
     # token batches, not one signal per token, and more than one batch
     assert 3 <= len(batches) < reply.stats["generated"]
