@@ -11,7 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-from engine.errors import NativeError
 
 # ---- status codes (tern.h) ----
 TERN_OK = 0
@@ -40,15 +39,17 @@ _lib: ctypes.CDLL | None = None
 
 
 def lib() -> ctypes.CDLL:
-    """The loaded library with every prototype declared (loaded once)."""
+    """The loaded library with every prototype declared (loaded once). Raises OSError when it is
+    missing, cannot load, or lacks a declared symbol (a stale build), so that backend 'auto'
+    falls back to the reference decoder (docs/ENGINE-API.md)."""
     global _lib
     if _lib is None:
         path = library_path()
+        handle = ctypes.CDLL(str(path))
         try:
-            handle = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise NativeError(-1, f"cannot load the native library {path}: {exc}") from exc
-        _declare(handle)
+            _declare(handle)
+        except AttributeError as exc:
+            raise OSError(f"{path} is out of date (rebuild with pip install -e .): {exc}") from exc
         _lib = handle
     return _lib
 
@@ -157,3 +158,5 @@ def _declare(h: ctypes.CDLL) -> None:
     fn("tern_cancel", None, ctypes.c_void_p)
     # void tern_session_set_trace(tern_session *session, tern_trace_fn fn, void *user);
     fn("tern_session_set_trace", None, ctypes.c_void_p, TRACE_FN, ctypes.c_void_p)
+    # int32_t tern_fuzz_model(const uint8_t *data, size_t size);
+    fn("tern_fuzz_model", ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t)

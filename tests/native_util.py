@@ -41,3 +41,23 @@ def host_variants() -> list[str]:
             continue
         runnable.append(name)
     return runnable
+
+
+def fuzz_seed(ternary_type_index: int = 0, embd_type_index: int = 3, wide: bool = False,
+              file_bytes: int = 16384) -> bytes:
+    """An input for tern_fuzz_model (native/src/fuzz_entry.c) that loads: one layer, 2 heads,
+    16 tokens, embedding and FFN 128 (256 if wide), every matrix at offset 0 of a "file" of 0x14
+    bytes (ternary codes 0, 1, 1, 0 and small finite floats); two threads, f16 KV. Type indices
+    refer to fuzz_entry.c's `types` table."""
+    def matrix(type_index: int) -> bytes:
+        return bytes([0, type_index, 0, 0, 0, 0, 0, 0, 0])   # flags, type, offset (3), scale (4)
+    sel = 1 if wide else 0
+    head = bytes([sel, sel, 0, 1, 0, 15, 0, 0]) + matrix(embd_type_index) + bytes([0])
+    head += b"".join(matrix(ternary_type_index) for _ in range(7)) + bytes([0, 1])
+    header_size = 64 + 150 * 1
+    return head.ljust(header_size, b"\0") + b"\x14" * file_bytes
+
+
+# (ternary type index, embedding type index, wide, file bytes) of the kept seeds
+FUZZ_SEEDS = [(0, 3, False, 16384), (1, 3, True, 20480), (2, 4, True, 20480), (3, 5, False, 40960),
+              (4, 6, False, 40960), (5, 7, False, 70000), (0, 8, True, 20480)]

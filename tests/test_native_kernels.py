@@ -2,6 +2,10 @@
 scalar kernel equals an independent numpy product on the layout of native/src/layout.h."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -119,3 +123,30 @@ def test_unknown_variant_and_bad_sizes_are_errors():
         native.run_kernel("scalar", "gemv_t2", w, 3, 128, x)
     with pytest.raises(native.NativeError):  # k not a multiple of 128
         native.run_kernel("scalar", "gemv_t2", np.zeros((2, 33), np.uint8), 2, 132, np.zeros((1, 132), np.int8))
+
+
+# ---------------------------------------------------------------------------------------------
+# NEON: cross-compiled for AArch64 and run under qemu-user (Debian: gcc-aarch64-linux-gnu,
+# qemu-user); native/tests/kernel_check.c compares every runnable variant with scalar.
+# ---------------------------------------------------------------------------------------------
+
+NATIVE = Path(__file__).resolve().parent.parent / "native"
+_NEON_SOURCES = ["tern", "error", "platform", "cpu_features", "kernels", "kernels_scalar",
+                 "kernels_test", "kernels_neon", "f16"]
+
+
+def test_neon_variant_equals_scalar_under_qemu(tmp_path):
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        pytest.skip("needs the Debian packages gcc-aarch64-linux-gnu and qemu-user")
+    exe = tmp_path / "kernel_check"
+    sources = [str(NATIVE / "tests" / "kernel_check.c")] + [str(NATIVE / "src" / f"{s}.c") for s in _NEON_SOURCES]
+    subprocess.run([cc, "-std=c11", "-O2", "-static", "-ffp-contract=off", f"-I{NATIVE / 'include'}",
+                    f"-I{NATIVE / 'src'}", *sources, "-lpthread", "-lm", "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "neon: equal to scalar" in run.stdout
+    forced = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=300,
+                            env={"TERN_ISA": "scalar"})
+    assert "kernel: scalar" in forced.stdout

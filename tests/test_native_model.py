@@ -4,6 +4,7 @@ operations, and hostile parameters to tern_model_create."""
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +319,29 @@ def test_every_kernel_family_gives_the_same_outputs(byte_model, tmp_path):
     for variant, logits in results.items():
         _close(logits, base, f"{variant} vs scalar logits", 1e-4)
         assert top5_agreement(base, logits) >= 0.99, variant
+
+
+# ---------------------------------------------------------------------------------------------
+# the libFuzzer corpus (native/fuzz/corpus) replayed through the same entry point
+# ---------------------------------------------------------------------------------------------
+
+CORPUS = Path(__file__).resolve().parent.parent / "native" / "fuzz" / "corpus"
+
+
+def test_fuzz_seeds_load_and_run():
+    """The kept seeds are valid models of every ternary format: they reach the forward pass."""
+    from tests.native_util import FUZZ_SEEDS, fuzz_seed
+    for args in FUZZ_SEEDS:
+        data = fuzz_seed(*args)
+        assert _native.lib().tern_fuzz_model(data, len(data)) == _native.TERN_OK, \
+            (args, _native.lib().tern_last_error())
+
+
+def test_fuzz_corpus_replays_without_crashing():
+    files = sorted(CORPUS.iterdir())
+    assert len(files) >= 7
+    statuses = set()
+    for f in files:
+        data = f.read_bytes()
+        statuses.add(_native.lib().tern_fuzz_model(data, len(data)))
+    assert _native.TERN_OK in statuses and statuses - {_native.TERN_OK}

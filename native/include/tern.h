@@ -140,6 +140,11 @@ TERN_API int32_t tern_kernel_test(const char *variant, int32_t op, const void *w
                                   int64_t rows, int64_t k, const int8_t *x, int64_t n,
                                   int32_t *y, int64_t r0, int64_t r1);
 
+/* Fuzzing entry (src/fuzz_entry.c): decodes arbitrary bytes into tern_model_create parameters
+ * over a copy of the bytes, loads, and runs a 3-token forward pass; returns the first non-OK
+ * status. Used by the libFuzzer target and by the tests replaying its corpus. */
+TERN_API int32_t tern_fuzz_model(const uint8_t *data, size_t size);
+
 /* ---- Memory read-bandwidth probe (native/src/bwprobe.c, helper H4b) --------------------
  * Streams a buffer of `bytes` (>= 64 MiB; make it larger than the last-level cache) with
  * `threads` threads (the caller included), in 64 MiB bursts for `reps` passes; *gb_per_s is

@@ -31,6 +31,10 @@ static const tern_kernels variants[] = {
      .gemm_t2 = tern_gemm_t2_amx, .gemm_i8 = tern_gemm_i8_amx},
 #endif
 #endif
+#if defined(__aarch64__) || defined(_M_ARM64)
+    {.name = "neon", .family = "neon", .needs = TERN_CPU_NEON, .score = 10,
+     .gemv_t2 = tern_gemv_t2_neon, .gemv_i8 = tern_gemv_i8_neon},
+#endif
 };
 
 #define N_VARIANTS (sizeof variants / sizeof variants[0])

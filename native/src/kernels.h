@@ -123,6 +123,12 @@ void tern_gemv_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int32
 void tern_gemv_i8_avx512vnni(const int8_t *q, int64_t k, const int8_t *x, int32_t *y,
                              int64_t r0, int64_t r1);
 
+/* kernels_neon.c (AArch64) */
+void tern_gemv_t2_neon(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
+                       int64_t r1);
+void tern_gemv_i8_neon(const int8_t *q, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
+                       int64_t r1);
+
 /* gemm_avx512.c (helper H4b): AVX-512 VNNI GEMMs for prefill. */
 void tern_gemm_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int64_t ldx,
                              int64_t n, int32_t *y, int64_t ldy, int64_t r0, int64_t r1,

@@ -1,4 +1,7 @@
 /* The one file with OS-specific calls (the rest of native/ is portable C11 + pthreads). */
+#if !defined(_WIN32) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise, syscall under -std=c11 */
+#endif
 #include "kernels.h"
 
 #if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
