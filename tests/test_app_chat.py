@@ -208,3 +208,46 @@ def test_model_load_can_be_cancelled(qtbot, tern_app, tiny_model_path):
     assert blocker.args == [False]
     assert app.controller.model is None
     assert not app.window.load_bar.isVisibleTo(app.window)
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(qtbot, tern_app, bitnet_path):
+    from PySide6.QtCore import Qt
+    app = tern_app
+    app.load(qtbot, bitnet_path)
+    box = app.window.composer.input
+    box.setFocus()
+    qtbot.keyClicks(box, "line one")
+    qtbot.keyClick(box, Qt.Key_Return, Qt.ShiftModifier)
+    qtbot.keyClicks(box, "line two")
+    assert box.toPlainText() == "line one\nline two"
+    assert app.controller.conversation is None or not app.controller.messages
+    with qtbot.waitSignal(app.controller.reply_finished, timeout=30000):
+        qtbot.keyClick(box, Qt.Key_Return)
+    assert box.toPlainText() == ""
+    assert app.controller.messages[0].content == "line one\nline two"
+
+
+def test_search_rename_and_delete_in_the_sidebar(qtbot, tern_app, bitnet_path, monkeypatch):
+    app = tern_app
+    app.load(qtbot, bitnet_path)
+    app.send(qtbot, "about puffins")
+    puffins = app.controller.conversation.id
+    app.controller.new_conversation()
+    app.send(qtbot, "about gannets")
+    sidebar = app.window.sidebar
+    assert sidebar.list.count() == 2
+    sidebar.search.setText("PUFF")
+    qtbot.waitUntil(lambda: sidebar.list.count() == 1, timeout=3000)
+    assert sidebar.list.item(0).data(0x0100) == puffins       # Qt.UserRole
+    sidebar.search.clear()
+    qtbot.waitUntil(lambda: sidebar.list.count() == 2, timeout=3000)
+    monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("Seabirds", True))
+    app.window.rename_conversation(puffins)
+    assert app.store.conversation(puffins).title == "Seabirds"
+    assert "Seabirds" in [sidebar.list.item(i).text() for i in range(sidebar.list.count())]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    current = app.controller.conversation.id
+    app.window.delete_conversation(current)
+    assert [c.id for c in app.store.conversations()] == [puffins]
+    assert app.controller.conversation is None and app.window.chat.messages == []
+    assert sidebar.list.count() == 1
