@@ -198,6 +198,26 @@ def test_embedding_types(byte_model, emb):
         assert agreement >= TOP5_MIN_AGREEMENT
 
 
+@pytest.mark.parametrize("lm_head", ["f16", "int8"])
+def test_separate_output_head(byte_model, rewrite_gguf, tmp_path, lm_head):
+    """A file with its own output.weight (the old bitnet-25 file): the head is that tensor, not
+    the embedding; with the f16 head the logits are the reference's."""
+    from engine.gguf_file import F16
+    from engine.gguf_write import array_tensor
+    head = np.random.default_rng(0).normal(0, 0.05, (259, 256)).astype(np.float16)
+    path = rewrite_gguf(byte_model("i2_s"), tmp_path / "out.gguf",
+                        tensors={"output.weight": array_tensor("output.weight", (256, 259), F16, head)})
+    ref = ReferenceDecoder(load_model(path), n_ctx=40)
+    with native.NativeDecoder(load_model(path), n_ctx=40, threads=2, lm_head=lm_head, kv_type="f32") as nat:
+        assert nat._model.output is not None
+        ids = teacher_ids(259, 32)
+        want, got = ref.forward(ids, all_logits=True), nat.forward(ids, all_logits=True)
+        if lm_head == "f16":
+            assert top5_agreement(want, got) >= TOP5_MIN_AGREEMENT
+        else:
+            assert np.mean(want.argmax(1) == got.argmax(1)) >= 0.9
+
+
 def test_int8_lm_head_is_close_to_f16(byte_model):
     path = byte_model("i2_s")
     ids = teacher_ids(259, 64)

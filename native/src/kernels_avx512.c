@@ -112,40 +112,40 @@ void tern_gemv_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int32
         y[r] = row1(w + r * rb, nb, x, xsum);
 }
 
-/* Int8 x int8 with vpdpbusd (unsigned x signed): feed x + 128 as unsigned and subtract
- * 128 * sum(q), with sum(q) itself from vpdpbusd against ones. Masked loads take any k. */
+/* Int8 x int8 with vpdpbusd (unsigned x signed): the weights go in as q + 128 (an xor, cheaper
+ * than a second vpdpbusd for sum(q)), so the sum is q . x + 128 * sum(x), and sum(x) is taken
+ * once per call. Masked loads take any k: masked-off lanes have x = 0 and add nothing. */
 static inline __mmask64 tail_mask(int64_t left)
 {
     return left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
 }
 
-static void i8_rows(const int8_t *q, int64_t k, const int8_t *x, int32_t *y, int nr)
+static void i8_rows(const int8_t *q, int64_t k, const int8_t *x, int32_t xsum, int32_t *y, int nr)
 {
-    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
-    __m512i acc[4], qs[4];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4];
     for (int j = 0; j < nr; j++)
-        acc[j] = qs[j] = _mm512_setzero_si512();
+        acc[j] = _mm512_setzero_si512();
     for (int64_t i = 0; i < k; i += 64) {
         const __mmask64 m = tail_mask(k - i);
-        /* masked-off lanes: x + 128 is zeroed together with q, so they add nothing */
-        const __m512i xu = _mm512_maskz_mov_epi8(m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + i), flip));
+        const __m512i xv = _mm512_maskz_loadu_epi8(m, x + i);
         for (int j = 0; j < nr; j++) {
-            const __m512i qv = _mm512_maskz_loadu_epi8(m, q + j * k + i);
+            const __m512i qu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + j * k + i), flip);
             _mm_prefetch((const char *)(q + j * k + i + PREFETCH_AHEAD), _MM_HINT_T0);
-            acc[j] = _mm512_dpbusd_epi32(acc[j], xu, qv);
-            qs[j] = _mm512_dpbusd_epi32(qs[j], ones, qv);
+            acc[j] = _mm512_dpbusd_epi32(acc[j], qu, xv);
         }
     }
     for (int j = 0; j < nr; j++)
-        y[j] = _mm512_reduce_add_epi32(acc[j]) - 128 * _mm512_reduce_add_epi32(qs[j]);
+        y[j] = _mm512_reduce_add_epi32(acc[j]) - 128 * xsum;
 }
 
 void tern_gemv_i8_avx512vnni(const int8_t *q, int64_t k, const int8_t *x, int32_t *y,
                              int64_t r0, int64_t r1)
 {
+    const int32_t xsum = sum_i8(x, k);
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4)
-        i8_rows(q + r * k, k, x, y + r, 4);
+        i8_rows(q + r * k, k, x, xsum, y + r, 4);
     for (; r < r1; r++)
-        i8_rows(q + r * k, k, x, y + r, 1);
+        i8_rows(q + r * k, k, x, xsum, y + r, 1);
 }
