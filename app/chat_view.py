@@ -369,7 +369,7 @@ class ChatView(QScrollArea):
         text.setWordWrap(True)
         for widget in (logo, title, text):
             layout.addWidget(widget)
-        self.download_button = QPushButton("Download BitNet b1.58 2B4T…")
+        self.download_button = QPushButton("Download BitNet b1.58 2B4T…", objectName="primaryButton")
         self.download_button.setCursor(Qt.PointingHandCursor)
         self.download_button.clicked.connect(self.download_requested)
         layout.addSpacing(8)

@@ -49,6 +49,7 @@ class MainWindow(WindowModelsMixin, QMainWindow):
         self.apply_theme(controller.settings.theme)
         QGuiApplication.styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
         self.refresh_conversations()
+        self._fill_model_picker()
         self.system_panel.set_presets(self.store.presets())
         controller.host.probe()
         controller.host.list_models()
