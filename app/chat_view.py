@@ -248,6 +248,11 @@ def footer_text(status: str, stats: dict) -> tuple[str, bool]:
         parts.append(f"{stats['generated']} tokens")
     if stats.get("decode_tps"):
         parts.append(f"{stats['decode_tps']:.1f} tok/s")
+    limit = {"max_tokens": "reply limit reached", "context": "context full"}.get(stats.get("stop_reason", ""))
+    if limit and status == "complete":
+        parts.append(limit)
+    if stats.get("error"):
+        return f"Stopped by an error: {stats['error']}", True
     if status == "interrupted":
         return "Interrupted — Tern closed before this reply was finished", True
     if status == "stopped":

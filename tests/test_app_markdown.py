@@ -27,3 +27,14 @@ def test_unclosed_fence_runs_to_the_end():
 def test_backticks_inside_text_are_not_fences():
     assert split_markdown("use `x` and ``y``") == [Segment("text", "use `x` and ``y``")]
     assert split_markdown("") == []
+
+
+def test_footer_says_how_a_reply_ended():
+    from app.chat_view import footer_text
+    assert footer_text("complete", {"generated": 12, "decode_tps": 20.04, "stop_reason": "eos"}) == \
+        ("12 tokens · 20.0 tok/s", False)
+    assert footer_text("complete", {"generated": 5, "stop_reason": "max_tokens"}) == \
+        ("5 tokens · reply limit reached", False)
+    assert footer_text("stopped", {"generated": 3, "stop_reason": "cancelled"}) == ("Stopped · 3 tokens", True)
+    assert footer_text("interrupted", {})[0].startswith("Interrupted")
+    assert footer_text("stopped", {"error": "disk full"}) == ("Stopped by an error: disk full", True)
