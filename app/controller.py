@@ -244,6 +244,14 @@ class ChatController(QObject):
         self.busy_changed.emit(False)
         self.conversations_changed.emit()
 
+    def shutdown(self) -> None:
+        """The window closes: keep a reply being streamed as 'stopped' (not 'interrupted'), then
+        end the engine thread."""
+        if self._reply is not None:
+            self.store.update_message(self._reply.id, self._reply_text, "stopped")
+            self._reply, self._request = None, 0
+        self.host.shutdown()
+
     # -- models -----------------------------------------------------------------------------
 
     def load_model(self, path: str) -> None:

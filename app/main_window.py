@@ -382,5 +382,5 @@ class MainWindow(WindowModelsMixin, QMainWindow):
                           "<br>BitNet b1.58 runs on Tern's own engine; other GGUF models through llama.cpp.")
 
     def closeEvent(self, event) -> None:
-        self.controller.host.shutdown()
+        self.controller.shutdown()
         super().closeEvent(event)

@@ -31,6 +31,7 @@ class ScriptedRun(QObject):
         if self.args.system is not None and c.conversation is not None:
             c.set_system_prompt(self.args.system)
             self.window.system_panel.set_prompt(self.args.system)
+            self.window.prompt_button.setChecked(True)        # show it in the screenshot
         c.model_load_ended.connect(self._loaded)
         c.reply_finished.connect(lambda *_: QTimer.singleShot(0, self._next))
         QTimer.singleShot(int(self.args.timeout * 1000), lambda: self._finish(3, "timed out"))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from engine.errors import CancelledError, ModelFormatError, OutOfMemoryError, TernError
 
@@ -294,7 +294,9 @@ class EngineHost(QObject):
         self.worker.moveToThread(self.thread)
         self._request_load.connect(self.worker.load)
         self._request_generate.connect(self.worker.generate)
-        self._request_unload.connect(self.worker.unload)
+        # Blocking: at shutdown the model must be closed on its own thread before the thread ends
+        # (a queued request could still be waiting when the event loop quits).
+        self._request_unload.connect(self.worker.unload, Qt.BlockingQueuedConnection)
         self._request_inspect.connect(self.worker.inspect)
         self._request_probe.connect(self.worker.probe)
         self._request_models.connect(self.worker.list_models)
@@ -344,10 +346,11 @@ class EngineHost(QObject):
         self._generation_cancel.set()
 
     def shutdown(self, timeout_ms: int = 10000) -> None:
-        """Stop what runs, free the model on its own thread, end the thread."""
+        """Stop what runs, free the model on its own thread, end the thread. Safe to call twice."""
         self.stop()
         self.cancel_load()
-        self._request_unload.emit()
+        if self.thread.isRunning():
+            self._request_unload.emit()       # returns once the running request has ended
         self.thread.quit()
         if not self.thread.wait(timeout_ms):
             log.error("the engine thread did not stop within %d ms", timeout_ms)

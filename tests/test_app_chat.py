@@ -251,3 +251,20 @@ def test_search_rename_and_delete_in_the_sidebar(qtbot, tern_app, bitnet_path, m
     assert [c.id for c in app.store.conversations()] == [puffins]
     assert app.controller.conversation is None and app.window.chat.messages == []
     assert sidebar.list.count() == 1
+
+
+def test_closing_mid_reply_keeps_it_as_stopped(qtbot, tern_home, bitnet_path):
+    app = build_app(qtbot, tern_home, with_settings(max_tokens=2000, n_ctx=4096, temperature=1.0))
+    app.load(qtbot, bitnet_path)
+    with qtbot.waitSignal(app.controller.reply_delta, timeout=30000):
+        app.controller.send("a long answer please")
+    cid = app.controller.conversation.id
+    app.close()                                    # closes the window and the store
+    assert not app.host.thread.isRunning() and app.worker.session is None
+    from app.store import Store
+    store = Store(tern_home / "data" / "tern.sqlite3")
+    try:
+        last = store.messages(cid)[-1]
+        assert store.recovered == 0 and last.status == "stopped" and last.content
+    finally:
+        store.close()
