@@ -85,6 +85,26 @@ int32_t launch_gemv_i8(const dmat &m, const int8_t *xq, const act_meta *meta, vo
 int32_t launch_gemv_float(const void *w, bool half_rows, int64_t rows, int64_t cols, const float *xf,
                           int32_t n, float *out, cudaStream_t st);
 
+/* gemv_fused.cu: decode BitLinear with RMSNorm + quantization of its float input fused in. */
+struct fused_gemv {
+    const uint8_t *w;        /* T2 rows */
+    int64_t rows;
+    int32_t nchunks;         /* width / 64 */
+    const float *scale;      /* per row */
+    float *out;              /* rows floats */
+    int epi;                 /* EPI_STORE or EPI_ADD */
+    const float *x;          /* the input row (width floats; glu: gate|up, 2 * width) */
+    const float *norm_w;
+    float eps;
+    int width, glu, relu2;
+    int rope;                /* q|k|v rows: RoPE at *pos, k and v stored in the caches */
+    const float *rope_cos, *rope_sin;
+    const int32_t *pos;
+    int head_dim, n_head, n_head_kv, kv_f32;
+    void *k_cache, *v_cache;
+};
+int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st);
+
 /* gemm.cu: n tokens (int8, row stride cols) with tensor cores; out[t * ldo + r]. */
 int32_t launch_gemm(const dmat &m, bool t2, const int8_t *xq, const act_meta *meta, int32_t n,
                     void *out, int64_t ldo, int epi, cudaStream_t st);
@@ -104,7 +124,7 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
 /* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t]. */
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
-                         const int32_t *pos, int32_t n_split, float *partial, float *out,
+                         const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
                          cudaStream_t st);
 
 #endif

@@ -41,6 +41,7 @@ struct tern_cuda_session {
     float *x, *qkv, *h, *att, *xf, *partial, *logits, *rope_cos, *rope_sin;
     int8_t *xq;
     act_meta *meta;
+    int *counters;             /* TERN_CUDA_CHUNK x n_head split counters of the attention (zero) */
     int32_t *pos;              /* device: the chunk's first position (read by the graph) */
     float *host_x;             /* pinned: TERN_CUDA_CHUNK x n_embd embedding rows */
     int32_t *host_pos;         /* pinned */

@@ -162,13 +162,15 @@ __device__ __forceinline__ void load_kv(const __half *p, float (&f)[D])
 }
 
 /* grid (n_head, n, n_split), 4 warps: split sp of the positions of query t, head h; each warp
- * an online softmax over every 4th position (lane owns D = head_dim/32 dims). Writes
- * (max, sum, out[head_dim]) unnormalized to partial. */
+ * an online softmax over its positions (lane owns D = head_dim/32 dims); the block writes
+ * (max, sum, out[head_dim]) unnormalized to partial, and the last block of (t, h) to finish
+ * (an atomic counter, reset by it) merges the splits into out. */
 template <int D, typename KV>
 __global__ void __launch_bounds__(kAttWarps * 32)
 attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
                  const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,
-                 const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial)
+                 const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial,
+                 int *__restrict__ counters, float *__restrict__ out)
 {
     constexpr int HD = D * 32;
     __shared__ float sm[kAttWarps], sl[kAttWarps], so[kAttWarps][HD];
@@ -260,46 +262,53 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         dst[0] = M;
         dst[1] = L;
     }
-}
-
-/* grid (n_head, n), block head_dim (>= nsplit): merge the splits and normalize into out. */
-__global__ void attention_combine_kernel(const float *__restrict__ partial, int n_head, int hd,
-                                         int nsplit, float *__restrict__ out)
-{
+    /* the last split block of this (token, head) merges all splits (no second kernel) */
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        last = atomicAdd(counters + t * n_head + h, 1) == nsplit - 1;
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
     __shared__ float wgt[64];
     __shared__ float total;
-    const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
-    const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (hd + 2);
-    grid_wait();
-    if (d < 32) {
+    const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (HD + 2);
+    if (threadIdx.x < 32) {
+        const int d = threadIdx.x;
         float mx[2] = {-INFINITY, -INFINITY}, lv[2] = {0.0f, 0.0f};
         for (int k = 0; k < 2; k++) {
-            const int sp = d + 32 * k;
-            if (sp < nsplit) {
-                mx[k] = src[sp * (hd + 2)];
-                lv[k] = src[sp * (hd + 2) + 1];
+            const int sp2 = d + 32 * k;
+            if (sp2 < nsplit) {
+                mx[k] = __ldcg(src + sp2 * (HD + 2));
+                lv[k] = __ldcg(src + sp2 * (HD + 2) + 1);
             }
         }
-        float M = fmaxf(mx[0], mx[1]);
+        float Mx = fmaxf(mx[0], mx[1]);
         for (int off = 16; off > 0; off >>= 1)
-            M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+            Mx = fmaxf(Mx, __shfl_xor_sync(0xffffffffu, Mx, off));
         float L = 0.0f;
         for (int k = 0; k < 2; k++) {
-            const float f = mx[k] == -INFINITY ? 0.0f : expf(mx[k] - M);
+            const float f = mx[k] == -INFINITY ? 0.0f : expf(mx[k] - Mx);
             wgt[d + 32 * k] = f;
             L += lv[k] * f;
         }
         for (int off = 16; off > 0; off >>= 1)
             L += __shfl_xor_sync(0xffffffffu, L, off);
-        if (d == 0)
+        if (d == 0) {
             total = L;
+            counters[t * n_head + h] = 0; /* ready for the next launch */
+        }
     }
     __syncthreads();
-    float acc = 0.0f;
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float acc = 0.0f;
 #pragma unroll 8
-    for (int sp = 0; sp < nsplit; sp++)
-        acc += src[sp * (hd + 2) + 2 + d] * wgt[sp];
-    out[(int64_t)t * n_head * hd + (int64_t)h * hd + d] = acc / total;
+        for (int sp2 = 0; sp2 < nsplit; sp2++)
+            acc += __ldcg(src + sp2 * (HD + 2) + 2 + d) * wgt[sp2];
+        out[(int64_t)t * e + (int64_t)h * HD + d] = acc / total;
+    }
 }
 
 } // namespace
@@ -334,34 +343,35 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
 
 template <int D>
 static cudaError_t attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const float *qkv, int n_head, int n_head_kv,
-                                 const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial)
+                                 const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial,
+                                 int *counters, float *out)
 {
     if (kv_f32)
         return launch_k(attention_kernel<D, float>, grid, kAttWarps * 32, st, qkv, n_head, n_head_kv,
-                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial);
+                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial, counters, out);
     return launch_k(attention_kernel<D, __half>, grid, kAttWarps * 32, st, qkv, n_head, n_head_kv,
-                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial);
+                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial, counters, out);
 }
 
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
-                         const int32_t *pos, int32_t n_split, float *partial, float *out,
+                         const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
                          cudaStream_t st)
 {
+    if (n_split < 1 || n_split > 64)
+        return tern_fail(TERN_ERR_INVALID, "cuda attention: %d splits", n_split);
     const dim3 grid((unsigned)n_head, (unsigned)n, (unsigned)n_split);
     const float scale = (float)(1.0 / sqrt((double)head_dim));
     cudaError_t err;
     switch (head_dim) {
-    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
-    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial); break;
+    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
     default:
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
     }
     if (err != cudaSuccess)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching attention: %s", cudaGetErrorString(err));
-    LAUNCH("attention_combine", attention_combine_kernel, dim3((unsigned)n_head, (unsigned)n), head_dim, st, partial,
-           n_head, head_dim, n_split, out);
     return TERN_OK;
 }

@@ -21,6 +21,58 @@ int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, i
             return st_;             \
     } while (0)
 
+/* One decode step of a layer: 5 kernels (fused norm GEMVs, attention). */
+/* TERN_CUDA_FUSED=0: decode through the prefill kernels (separate norm, GEMV, RoPE). */
+static bool fused_decode(void)
+{
+    static const bool on = [] {
+        const char *env = getenv("TERN_CUDA_FUSED");
+        return !(env && env[0] == '0');
+    }();
+    return on;
+}
+
+static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
+{
+    const tern_cuda_model *m = s->m;
+    const hv_model *h = &m->hv;
+    const cuda_layer *L = &m->layers[l];
+    const int64_t e = h->n_embd, ff = h->n_ff;
+    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
+    const bool f32 = s->kv_type == TERN_KV_F32;
+    cudaStream_t st = s->stream;
+    fused_gemv a = {};
+    a.eps = h->rms_eps;
+    a.relu2 = h->activation == TERN_ACT_RELU2;
+    a.head_dim = h->head_dim;
+    a.n_head = h->n_head;
+    a.n_head_kv = h->n_head_kv;
+    a.kv_f32 = f32;
+    auto set = [&](const dmat &w, const float *x, const float *norm, int width, float *out, int epi) {
+        a.w = w.w; a.rows = w.rows; a.nchunks = (int32_t)(w.cols / 64); a.scale = w.scale;
+        a.x = x; a.norm_w = norm; a.width = width; a.out = out; a.epi = epi;
+    };
+    set(L->qkv, s->x, L->attn_norm, (int)e, s->qkv, EPI_STORE);
+    a.rope = 1;
+    a.rope_cos = s->rope_cos;
+    a.rope_sin = s->rope_sin;
+    a.pos = s->pos;
+    a.k_cache = s->k_cache + cache_at;
+    a.v_cache = s->v_cache + cache_at;
+    TRY(launch_gemv_t2_fused(a, st));
+    a.rope = 0;
+    TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                         s->v_cache + cache_at, f32, s->pos, TERN_CUDA_MAX_SPLIT, s->partial, s->counters, s->att, st));
+    set(L->wo, s->att, L->attn_sub_norm, (int)e, s->x, EPI_ADD);
+    TRY(launch_gemv_t2_fused(a, st));
+    set(L->gate_up, s->x, L->ffn_norm, (int)e, s->h, EPI_STORE);
+    TRY(launch_gemv_t2_fused(a, st));
+    set(L->down, s->h, L->ffn_sub_norm, (int)ff, s->x, EPI_ADD);
+    a.glu = 1;
+    TRY(launch_gemv_t2_fused(a, st));
+    return TERN_OK;
+}
+
 static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
 {
     const tern_cuda_model *m = s->m;
@@ -38,7 +90,7 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     TRY(launch_rope_store(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->rope_cos, s->rope_sin, s->pos,
                           s->k_cache + cache_at, s->v_cache + cache_at, f32, st));
     TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                         s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->att, st));
+                         s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->counters, s->att, st));
     TRY(launch_norm_quant(s->att, e, L->attn_sub_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->wo, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st));
     TRY(launch_norm_quant(s->x, e, L->ffn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
@@ -52,7 +104,7 @@ int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32
     const tern_cuda_model *m = s->m;
     const hv_model *h = &m->hv;
     for (int32_t l = 0; l < h->n_layer; l++)
-        TRY(enqueue_layer(s, l, n));
+        TRY(n == 1 && fused_decode() ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
     if (!want_logits)
         return TERN_OK;
     const int64_t e = h->n_embd;
@@ -79,6 +131,7 @@ static int32_t session_alloc(tern_cuda_session *s)
         {(void **)&s->partial, partial * 4}, {(void **)&s->logits, T * (size_t)h->n_vocab * 4},
         {(void **)&s->rope_cos, (size_t)s->n_ctx * half * 4}, {(void **)&s->rope_sin, (size_t)s->n_ctx * half * 4},
         {(void **)&s->xq, T * width}, {(void **)&s->meta, T * sizeof(act_meta)}, {(void **)&s->pos, 4},
+        {(void **)&s->counters, T * (size_t)h->n_head * sizeof(int)},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         if (cudaMalloc(want[i].p, want[i].bytes) != cudaSuccess) {
@@ -86,6 +139,7 @@ static int32_t session_alloc(tern_cuda_session *s)
             return tern_fail(TERN_ERR_NOMEM, "cuda session: cannot allocate %zu bytes of device memory "
                              "(%d positions)", want[i].bytes, s->n_ctx);
         }
+    CUDA_TRY(cudaMemset(s->counters, 0, T * (size_t)h->n_head * sizeof(int)));
     CUDA_TRY(cudaMallocHost((void **)&s->host_x, T * e * 4));
     CUDA_TRY(cudaMallocHost((void **)&s->host_pos, 4));
     /* RoPE tables for every position, computed as the CPU decoder computes them */
@@ -140,7 +194,7 @@ extern "C" void tern_cuda_session_free(tern_cuda_session *s)
     if (s->decode_graph)
         cudaGraphExecDestroy(s->decode_graph);
     void *dev[] = {s->k_cache, s->v_cache, s->x, s->qkv, s->h, s->att, s->xf, s->partial, s->logits,
-                   s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos};
+                   s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos, s->counters};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         cudaFree(dev[i]);
     cudaFreeHost(s->host_x);
