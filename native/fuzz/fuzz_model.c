@@ -1,6 +1,6 @@
-/* libFuzzer target over the native loader and one forward pass (src/fuzz_entry.c).
- * Build: cmake -S native -B /tmp/tern-fuzz -DTERN_FUZZ=ON -DCMAKE_C_COMPILER=clang
- * Run:   /tmp/tern-fuzz/tern_fuzz_model native/fuzz/corpus -max_total_time=600 */
+/* libFuzzer target over the native loader and one forward pass (src/fuzz_entry.c); built by
+ * native/fuzz/CMakeLists.txt (scripts/fuzz.sh). Its kept corpus is native/fuzz/corpus, replayed
+ * by tests/test_native_model.py. */
 #include <stddef.h>
 #include <stdint.h>
 
