@@ -135,9 +135,10 @@ typedef struct {
     float *l;  /* running sum of e^(score - m) */
 } row_state;
 
-/* Folds positions [0, valid) of one block into a row: s holds its raw scores. */
-static void update_row(const row_state *st, float *s, int32_t valid, float scale, const float *vf,
-                       int32_t hd)
+/* Softmax part of folding one block into a row: s holds its raw scores and gets
+ * p = e^(scale * s - m_new) (0 past `valid`); m, l are updated. Returns the factor
+ * e^(m_old - m_new) by which the row's output accumulator must be rescaled. */
+static float softmax_block(const row_state *st, float *s, int32_t valid, float scale)
 {
     __m512 x[4];
     __mmask16 mask[4];
@@ -161,26 +162,61 @@ static void update_row(const row_state *st, float *s, int32_t valid, float scale
     }
     *st->l = *st->l * corr + _mm512_reduce_add_ps(sum);
     *st->m = m_new;
-    const __m512 cv = _mm512_set1_ps(corr);
-    for (int32_t d0 = 0; d0 < hd; d0 += 128) {
-        const int nc = (hd - d0) / 16 < 8 ? (hd - d0) / 16 : 8;
-        __m512 o[8];
+    return corr;
+}
+
+/* o_r[0..16 nc) = o_r * corr_r + sum_j p_r[j] v[j] for nr (1 or 2) rows sharing each V load;
+ * nc (<= 8) is a constant after inlining, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void pv_rows(float *const o[2], const float *const p[2],
+                                                           const float corr[2], int nr, int nc,
+                                                           const float *vf, int64_t ldv, int32_t valid)
+{
+    __m512 acc[2][8];
+#pragma GCC unroll 2
+    for (int r = 0; r < nr; r++)
 #pragma GCC unroll 8
-        for (int c = 0; c < 8; c++)
-            o[c] = c < nc ? _mm512_mul_ps(_mm512_loadu_ps(st->o + d0 + 16 * c), cv)
-                          : _mm512_setzero_ps();
-        for (int32_t j = 0; j < valid; j++) {
-            const __m512 pj = _mm512_set1_ps(s[j]);
-            const float *vrow = vf + (int64_t)j * hd + d0;
+        for (int c = 0; c < nc; c++)
+            acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + 16 * c), _mm512_set1_ps(corr[r]));
+    for (int32_t j = 0; j < valid; j++) {
+        const float *vrow = vf + (int64_t)j * ldv;
+        __m512 v[8];
 #pragma GCC unroll 8
-            for (int c = 0; c < 8; c++)
-                if (c < nc)
-                    o[c] = _mm512_fmadd_ps(pj, _mm512_load_ps(vrow + 16 * c), o[c]);
+        for (int c = 0; c < nc; c++)
+            v[c] = _mm512_load_ps(vrow + 16 * c);
+#pragma GCC unroll 2
+        for (int r = 0; r < nr; r++) {
+            const __m512 pj = _mm512_set1_ps(p[r][j]);
+#pragma GCC unroll 8
+            for (int c = 0; c < nc; c++)
+                acc[r][c] = _mm512_fmadd_ps(pj, v[c], acc[r][c]);
         }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < nr; r++)
 #pragma GCC unroll 8
-        for (int c = 0; c < 8; c++)
-            if (c < nc)
-                _mm512_storeu_ps(st->o + d0 + 16 * c, o[c]);
+        for (int c = 0; c < nc; c++)
+            _mm512_storeu_ps(o[r] + 16 * c, acc[r][c]);
+}
+
+/* P.V of up to two rows over the whole head, in 128-wide slices (8 accumulators per row). */
+static void pv_pair(float *const o[2], const float *const p[2], const float corr[2], int nr,
+                    const float *vf, int32_t hd, int32_t valid)
+{
+    for (int32_t d0 = 0; d0 < hd; d0 += 128) {
+        float *const od[2] = {o[0] + d0, nr > 1 ? o[1] + d0 : NULL};
+        const int nc = (hd - d0) / 16 < 8 ? (hd - d0) / 16 : 8;
+        if (nc == 8 && nr == 2)
+            pv_rows(od, p, corr, 2, 8, vf + d0, hd, valid);
+        else if (nc == 8)
+            pv_rows(od, p, corr, 1, 8, vf + d0, hd, valid);
+        else
+            for (int r = 0; r < nr; r++) /* a head size not a multiple of 128: one slice of 16 */
+                for (int c = 0; c < nc; c++) {
+                    float *const o1[2] = {od[r] + 16 * c, NULL};
+                    const float *const p1[2] = {p[r], NULL};
+                    const float c1[2] = {corr[r], 0.0f};
+                    pv_rows(o1, p1, c1, 1, 1, vf + d0 + 16 * c, hd, valid);
+                }
     }
 }
 
@@ -245,10 +281,18 @@ static void token_block(const tern_attn_args *a, const attn_scratch *sc, int32_t
                 case 2: scores(q, 2, sc->kt, hd, s); break;
                 default: scores(q, 1, sc->kt, hd, s); break;
                 }
+                float corr[ROWS];
                 for (int r = 0; r < nr; r++) {
                     const int32_t row = t * H + h0 + r;
                     const row_state st = {sc->o + (int64_t)row * hd, sc->m + row, sc->l + row};
-                    update_row(&st, s[r], valid, a->scale, sc->vf, hd);
+                    corr[r] = softmax_block(&st, s[r], valid, a->scale);
+                }
+                for (int r = 0; r < nr; r += 2) {
+                    const int32_t row = t * H + h0 + r;
+                    float *const o[2] = {sc->o + (int64_t)row * hd, sc->o + (int64_t)(row + 1) * hd};
+                    const float *const p[2] = {s[r], s[r + 1 < ROWS ? r + 1 : r]};
+                    const float c2[2] = {corr[r], r + 1 < nr ? corr[r + 1] : 0.0f};
+                    pv_pair(o, p, c2, nr - r < 2 ? 1 : 2, sc->vf, hd, valid);
                 }
             }
         }
