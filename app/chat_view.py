@@ -321,17 +321,20 @@ class ChatView(QScrollArea):
         self.messages.append(widget)
         return widget
 
-    def add_notice(self, text: str, error: bool = False) -> QLabel:
+    def add_notice(self, text: str, error: bool = False, before: QWidget | None = None) -> QLabel:
+        """A note in the conversation; `before` a message (a reply that is streaming) or at the end."""
         self._empty.setVisible(False)
         label = QLabel(text, objectName="errorNotice" if error else "notice")
         label.setWordWrap(True)
         label.setContentsMargins(12, 8, 12, 8)
         label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self._insert(label)
+        self._insert(label, before)
         return label
 
-    def _insert(self, widget: QWidget) -> None:
-        index = self.column.count() - 1    # before the final stretch
+    def _insert(self, widget: QWidget, before: QWidget | None = None) -> None:
+        index = self.column.indexOf(before) if before is not None else -1
+        if index < 0:
+            index = self.column.count() - 1    # before the final stretch
         self.column.insertWidget(index, widget)
         self._stick_to_bottom = True
 

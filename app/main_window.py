@@ -205,7 +205,7 @@ class MainWindow(WindowModelsMixin, QMainWindow):
         c.reply_delta.connect(self._reply_delta)
         c.reply_finished.connect(self._reply_finished)
         c.busy_changed.connect(self.composer.set_busy)
-        c.notice.connect(lambda text: self.chat.add_notice(text))
+        c.notice.connect(lambda text: self.chat.add_notice(text, before=self._streaming))
         c.error.connect(lambda text: self.chat.add_notice(text, error=True))
         c.speed_changed.connect(lambda tps: self.status_speed.setText(f"{tps:.1f} tok/s"))
         c.context_changed.connect(self._show_context)

@@ -176,6 +176,10 @@ def test_context_overflow_drops_the_oldest_turns_and_says_so(qtbot, tern_home, b
         notices = [w.text() for w in app.window.chat.findChildren(type(app.window.status_model))
                    if w.objectName() == "notice"]
         assert any("left out" in text and "256" in text for text in notices), notices
+        column = app.window.chat.column
+        notice = next(w for w in app.window.chat.findChildren(type(app.window.status_model))
+                      if w.objectName() == "notice")
+        assert column.indexOf(notice) < column.indexOf(app.window.chat.messages[-1])   # above its reply
         prompt = app.worker.session.last_prompt_text()
         assert prompt.startswith("<|begin_of_text|>System: Keep this system prompt.<|eot_id|>")
         assert "message 0" not in prompt and "message 2" in prompt
