@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 KERNEL_OPS = {"gemv_t2": 0, "gemm_t2": 1, "gemv_i8": 2, "gemm_i8": 3}
 LM_HEADS = {"int8": _native.TERN_LM_HEAD_INT8, "f16": _native.TERN_LM_HEAD_F16}
 ACTIVATIONS = {"relu2": _native.TERN_ACT_RELU2, "silu": _native.TERN_ACT_SILU}
-KV_TYPES = {"f16": _native.TERN_KV_F16, "f32": _native.TERN_KV_F32}
+KV_TYPES = {"f16": _native.TERN_KV_F16, "f32": _native.TERN_KV_F32, "int8": _native.TERN_KV_INT8}
 
 
 def _message() -> str:

@@ -80,7 +80,21 @@ def _close(got, want, what, rtol=FLOAT_RTOL):
     assert err <= rtol * scale, f"{what}: max error {err:.3g} at scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("fmt,kv_type", [("i2_s", "f32"), ("tq1_0", "f32"), ("f16", "f32"), ("i2_s", "f16")])
+def _int8_rows(a: np.ndarray, hd: int) -> np.ndarray:
+    """What the int8 KV cache returns for (n, kv_dim) values: each head row absmax-quantized."""
+    rows = a.reshape(a.shape[0], -1, hd)
+    amax = np.abs(rows).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), np.float32(0))
+    q = np.clip(np.rint(rows * inv), -127, 127)
+    return (q * (amax / np.float32(127))).astype(np.float32).reshape(a.shape)
+
+
+KV_CACHED = {"f32": lambda a, hd: a, "f16": lambda a, hd: a.astype(np.float16).astype(np.float32),
+             "int8": _int8_rows}
+
+
+@pytest.mark.parametrize("fmt,kv_type", [("i2_s", "f32"), ("tq1_0", "f32"), ("f16", "f32"), ("i2_s", "f16"),
+                                         ("tq2_0", "int8")])
 def test_every_layer_op_matches_reference_on_native_inputs(byte_model, fmt, kv_type):
     """Each op of each layer, computed by the reference's functions from the native decoder's
     own traced inputs: equal (integer parts exactly, float parts to rounding) wherever no
@@ -92,7 +106,7 @@ def test_every_layer_op_matches_reference_on_native_inputs(byte_model, fmt, kv_t
     with native.NativeDecoder(load_model(byte_model(fmt)), n_ctx=64, threads=2, lm_head="f16", kv_type=kv_type) as nat:
         nat.forward(ids, all_logits=True, trace=trace)
     act = ACTIVATIONS[hp.activation]
-    cached = (lambda a: a.astype(np.float16).astype(np.float32)) if kv_type == "f16" else (lambda a: a)
+    cached = lambda a: KV_CACHED[kv_type](a, hp.head_dim)  # noqa: E731
     x = np.array(model.token_embd.rows(ids), dtype=np.float32)
     cos, sin = rope_tables(np.arange(len(ids)), hp.head_dim, hp.rope_theta)
     for i, lw in enumerate(model.layers):
@@ -147,6 +161,9 @@ def test_truncate_and_copy_reuse_the_cache(byte_model):
         again = dec.forward(ids[30:], all_logits=True)
         np.testing.assert_allclose(again, full[30:], rtol=0, atol=1e-5)
         other = native.NativeSession(dec._native_model, 64, 1, "f32")
+        with pytest.raises(NativeError):   # a cache of another type cannot be copied
+            with native.NativeSession(dec._native_model, 64, 1, "int8") as wrong:
+                wrong.copy_from(dec._session)
         try:
             other.copy_from(dec._session)
             assert other.n_past == 50
@@ -155,6 +172,17 @@ def test_truncate_and_copy_reuse_the_cache(byte_model):
             np.testing.assert_allclose(other.forward(ids[49:50]), dec.forward(ids[49:50]), atol=1e-5)
         finally:
             other.close()
+
+
+@pytest.mark.parametrize("kv_type", ["int8", "f16"])
+def test_copy_carries_the_cache_of_each_type(byte_model, kv_type):
+    path = byte_model("i2_s")
+    ids = teacher_ids(259, 31)
+    with native.NativeDecoder(load_model(path), n_ctx=40, threads=2, lm_head="f16", kv_type=kv_type) as dec:
+        dec.forward(ids[:30])
+        with native.NativeSession(dec._native_model, 40, 1, kv_type) as other:
+            other.copy_from(dec._session)
+            np.testing.assert_array_equal(other.forward(ids[30:]), dec.forward(ids[30:]))
 
 
 def test_context_overflow_bad_tokens_and_cancel(byte_model):

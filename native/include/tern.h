@@ -51,7 +51,7 @@ TERN_API const char *tern_kernel_name(void);
 #define TERN_LM_HEAD_F16 1  /* the file's own head, f32 accumulation (the exact path) */
 
 #define TERN_KV_F16 0 /* the default: 2 bytes per value */
-#define TERN_KV_INT8 1 /* reserved: per-row absmax int8 K and V (not implemented yet) */
+#define TERN_KV_INT8 1 /* per-head-row absmax int8 K and V with f32 scales (~half of f16) */
 #define TERN_KV_F32 2 /* the reference's precision (parity tests), twice the memory of f16 */
 
 /* One weight matrix as stored in the file: rows x cols (ggml ne1 x ne0), row-major. */

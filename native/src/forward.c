@@ -11,6 +11,7 @@
 
 #include "attn_prefill.h"
 #include "f16.h"
+#include "kv_cache.h"
 #include "ops.h"
 #include "session.h"
 
@@ -109,45 +110,9 @@ static void qkv_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t p
             store_rows(ts->acc + t * hd, ts->in_s[t], w->scale, out, hd, OUT_SET);
             if (kind != 2)
                 tern_rope_head(out, (int32_t)hd, s->rope_cos + t * half, s->rope_sin + t * half);
-            if (kind != 0) {
-                const int64_t at = ((int64_t)layer * s->n_ctx + j->first + t) * s->kv_dim + r0;
-                void *cache = kind == 1 ? s->k_cache : s->v_cache;
-                if (s->kv_type == TERN_KV_F32) {
-                    memcpy((float *)cache + at, out, (size_t)hd * sizeof(float));
-                } else {
-                    uint16_t *dst = (uint16_t *)cache + at;
-                    for (int64_t i = 0; i < hd; i++)
-                        dst[i] = tern_f32_to_f16(out[i]);
-                }
-            }
+            if (kind != 0)
+                tern_kv_store(s, kind == 2, layer, j->first + t, head, out);
         }
-    }
-}
-
-static float dot_f32(const float *a, const float *b, int64_t n)
-{
-    float acc = 0.0f;
-    for (int64_t i = 0; i < n; i++)
-        acc += a[i] * b[i];
-    return acc;
-}
-
-/* scores . K or probs . V over one cached row, in the session's KV type */
-static float kv_dot(const tern_session *s, const void *cache, int64_t at, const float *q, int64_t n)
-{
-    if (s->kv_type == TERN_KV_F32)
-        return dot_f32((const float *)cache + at, q, n);
-    return s->m->kern->dot_f16((const uint16_t *)cache + at, q, n);
-}
-
-static void kv_axpy(const tern_session *s, float *y, float a, const void *cache, int64_t at, int64_t n)
-{
-    if (s->kv_type == TERN_KV_F32) {
-        const float *x = (const float *)cache + at;
-        for (int64_t i = 0; i < n; i++)
-            y[i] += a * x[i];
-    } else {
-        s->m->kern->axpy_f16(y, a, (const uint16_t *)cache + at, n);
     }
 }
 
@@ -159,10 +124,9 @@ static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32
     const int32_t npos = j->first + t + 1;
     const float scale = (float)(1.0 / sqrt((double)hd));
     const float *q = s->qkv + t * s->qkv_dim + h * hd;
-    const int64_t base = (int64_t)layer * s->n_ctx * s->kv_dim + g * hd;
     float mx = -INFINITY;
     for (int32_t p = 0; p < npos; p++) {
-        const float sc = kv_dot(s, s->k_cache, base + p * s->kv_dim, q, hd) * scale;
+        const float sc = tern_kv_dot(s, layer, p, g, q) * scale;
         ts->scores[p] = sc;
         mx = sc > mx ? sc : mx;
     }
@@ -172,7 +136,7 @@ static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32
     float *out = s->att + t * m->n_embd + h * hd;
     memset(out, 0, (size_t)hd * sizeof(float));
     for (int32_t p = 0; p < npos; p++)
-        kv_axpy(s, out, ts->scores[p] / sum, s->v_cache, base + p * s->kv_dim, hd);
+        tern_kv_axpy(s, layer, p, g, ts->scores[p] / sum, out);
 }
 
 /* Prompt chunks with an f16 cache: attn_prefill.h's batched kernel (helper H4b), work items

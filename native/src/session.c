@@ -86,6 +86,13 @@ static int32_t alloc_shared(tern_session *s)
     uint64_t total = 0;
     s->k_cache = lazy_alloc(kv * s->kv_elem, &total);
     s->v_cache = lazy_alloc(kv * s->kv_elem, &total);
+    if (s->kv_type == TERN_KV_INT8) {
+        const size_t rows = (size_t)m->n_layer * (size_t)s->n_ctx * (size_t)m->n_head_kv;
+        s->k_scale = lazy_alloc(rows * sizeof(float), &total);
+        s->v_scale = lazy_alloc(rows * sizeof(float), &total);
+        if (!s->k_scale || !s->v_scale)
+            return tern_fail(TERN_ERR_NOMEM, "session: cannot allocate the int8 KV scales");
+    }
     s->x = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
     s->qkv = zalloc(T * (size_t)s->qkv_dim * sizeof(float), &total);
     s->att = zalloc(T * (size_t)m->n_embd * sizeof(float), &total);
@@ -112,15 +119,15 @@ int32_t tern_session_create(tern_model *m, int32_t n_ctx, int32_t kv_type, int32
     *out = NULL;
     if (n_ctx < 1 || n_ctx > (1 << 24))
         return tern_fail(TERN_ERR_INVALID, "n_ctx %d out of range", n_ctx);
-    if (kv_type != TERN_KV_F16 && kv_type != TERN_KV_F32)
-        return tern_fail(TERN_ERR_UNSUPPORTED, "KV cache type %d is not implemented (f16, f32)", kv_type);
+    if (kv_type != TERN_KV_F16 && kv_type != TERN_KV_F32 && kv_type != TERN_KV_INT8)
+        return tern_fail(TERN_ERR_INVALID, "unknown KV cache type %d", kv_type);
     tern_session *s = calloc(1, sizeof *s);
     if (!s)
         return tern_fail(TERN_ERR_NOMEM, "out of memory");
     s->m = m;
     s->n_ctx = n_ctx;
     s->kv_type = kv_type;
-    s->kv_elem = kv_type == TERN_KV_F32 ? sizeof(float) : sizeof(uint16_t);
+    s->kv_elem = kv_type == TERN_KV_F32 ? sizeof(float) : (kv_type == TERN_KV_INT8 ? 1 : sizeof(uint16_t));
     s->kv_dim = (int64_t)m->n_head_kv * m->head_dim;
     s->qkv_dim = m->n_embd + 2 * s->kv_dim;
     s->width = m->n_embd > m->n_ff ? m->n_embd : m->n_ff;
@@ -142,7 +149,7 @@ void tern_session_free(tern_session *s)
         return;
     tern_pool_free(s->pool);
     free_scratch(s);
-    free(s->k_cache); free(s->v_cache); free(s->x); free(s->qkv); free(s->att); free(s->ffn);
+    free(s->k_cache); free(s->v_cache); free(s->k_scale); free(s->v_scale); free(s->x); free(s->qkv); free(s->att); free(s->ffn);
     free(s->rope_cos); free(s->rope_sin); free(s->work); free(s->xq); free(s->xs); free(s->xf);
     free(s);
 }
@@ -174,6 +181,11 @@ int32_t tern_session_copy(tern_session *dst, const tern_session *src)
         const size_t d0 = (size_t)l * (size_t)dst->n_ctx * (size_t)dst->kv_dim * dst->kv_elem;
         memcpy((char *)dst->k_cache + d0, (const char *)src->k_cache + so, bytes);
         memcpy((char *)dst->v_cache + d0, (const char *)src->v_cache + so, bytes);
+        if (src->kv_type == TERN_KV_INT8) {
+            const size_t nh = (size_t)src->m->n_head_kv, sb = nh * (size_t)src->n_past * sizeof(float);
+            memcpy(dst->k_scale + (size_t)l * dst->n_ctx * nh, src->k_scale + (size_t)l * src->n_ctx * nh, sb);
+            memcpy(dst->v_scale + (size_t)l * dst->n_ctx * nh, src->v_scale + (size_t)l * src->n_ctx * nh, sb);
+        }
     }
     dst->n_past = src->n_past;
     return TERN_OK;

@@ -32,8 +32,9 @@ struct tern_session {
     int32_t n_ctx, n_past, kv_type;
     int64_t kv_dim, qkv_dim, width; /* n_head_kv*head_dim, n_embd + 2*kv_dim, max(n_embd, n_ff) */
     int64_t acc_rows;
-    void *k_cache, *v_cache; /* n_layer x n_ctx x kv_dim, f16 or f32 (kv_type) */
+    void *k_cache, *v_cache; /* n_layer x n_ctx x kv_dim, f16, f32 or int8 (kv_cache.h) */
     size_t kv_elem;          /* bytes per cached value */
+    float *k_scale, *v_scale; /* int8 only: n_layer x n_ctx x n_head_kv row scales */
     float *x;        /* TERN_CHUNK x n_embd: the residual stream */
     float *qkv;      /* TERN_CHUNK x qkv_dim: q, k, v after RoPE */
     float *att;      /* TERN_CHUNK x n_embd: attention output */
