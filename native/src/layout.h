@@ -44,19 +44,4 @@ static_assert(TERN_T2_BLOCK == 4 * TERN_T2_BLOCK_BYTES, "4 weights per byte, 32 
 /* Bytes of one packed T2 row of k weights (k a multiple of TERN_T2_BLOCK). */
 static inline int64_t tern_t2_row_bytes(int64_t k) { return k / 4; }
 
-/* The 2-bit code of weight k (0 <= k < K) within one packed T2 row. */
-static inline unsigned tern_t2_code(const uint8_t *row, int64_t k)
-{
-    const uint8_t byte = row[(k / TERN_T2_BLOCK) * TERN_T2_BLOCK_BYTES + (k % 32)];
-    const int group = (int)((k % TERN_T2_BLOCK) / 32); /* 0..3 -> bits 7-6, 5-4, 3-2, 1-0 */
-    return (byte >> (6 - 2 * group)) & 3u;
-}
-
-/* Store code c (0..2) for weight k into a zero-initialised packed T2 row. */
-static inline void tern_t2_set_code(uint8_t *row, int64_t k, unsigned c)
-{
-    const int group = (int)((k % TERN_T2_BLOCK) / 32);
-    row[(k / TERN_T2_BLOCK) * TERN_T2_BLOCK_BYTES + (k % 32)] |= (uint8_t)(c << (6 - 2 * group));
-}
-
 #endif

@@ -69,34 +69,43 @@ static void tq1_block(const uint8_t *blk, uint8_t codes[QK_K])
     }
 }
 
+/* 128 codes (0..2) -> one T2 block (layout.h). */
+static void pack_block(const uint8_t codes[TERN_T2_BLOCK], uint8_t *dst)
+{
+    for (int j = 0; j < 32; j++)
+        dst[j] = (uint8_t)((codes[j] << 6) | (codes[j + 32] << 4) | (codes[j + 64] << 2) | codes[j + 96]);
+}
+
 static void tq1_row(const uint8_t *src, int64_t cols, uint8_t *dst)
 {
     uint8_t codes[QK_K];
-    memset(dst, 0, (size_t)tern_t2_row_bytes(cols));
     for (int64_t b = 0; b < cols / QK_K; b++) {
         tq1_block(src + TQ1_BLOCK_BYTES * b, codes);
-        for (int w = 0; w < QK_K; w++)
-            tern_t2_set_code(dst, QK_K * b + w, codes[w]);
+        pack_block(codes, dst + 64 * b);
+        pack_block(codes + TERN_T2_BLOCK, dst + 64 * b + 32);
     }
 }
 
 /* code = clamp(rint(w / scale), -1, 1) + 1 in float32, as quants.ternary_codes. */
 static bool float_row(int32_t type, const uint8_t *src, int64_t cols, float scale, uint8_t *dst)
 {
-    memset(dst, 0, (size_t)tern_t2_row_bytes(cols));
-    for (int64_t k = 0; k < cols; k++) {
-        float w;
-        if (type == TERN_TYPE_F32)
-            memcpy(&w, src + 4 * k, 4);
-        else {
-            const uint16_t h = (uint16_t)(src[2 * k] | (src[2 * k + 1] << 8));
-            w = type == TERN_TYPE_F16 ? tern_f16_to_f32(h) : tern_bf16_to_f32(h);
+    uint8_t codes[TERN_T2_BLOCK];
+    for (int64_t b = 0; b < cols / TERN_T2_BLOCK; b++) {
+        for (int i = 0; i < TERN_T2_BLOCK; i++) {
+            const int64_t k = b * TERN_T2_BLOCK + i;
+            float w;
+            if (type == TERN_TYPE_F32)
+                memcpy(&w, src + 4 * k, 4);
+            else {
+                const uint16_t h = (uint16_t)(src[2 * k] | (src[2 * k + 1] << 8));
+                w = type == TERN_TYPE_F16 ? tern_f16_to_f32(h) : tern_bf16_to_f32(h);
+            }
+            if (!isfinite(w))
+                return false;
+            const float r = nearbyintf(w / scale);
+            codes[i] = r < 0.0f ? 0u : (r > 0.0f ? 2u : 1u);
         }
-        if (!isfinite(w))
-            return false;
-        const float r = nearbyintf(w / scale);
-        const unsigned code = r < 0.0f ? 0u : (r > 0.0f ? 2u : 1u);
-        tern_t2_set_code(dst, k, code);
+        pack_block(codes, dst + TERN_T2_BLOCK_BYTES * b);
     }
     return true;
 }
