@@ -93,10 +93,11 @@ struct fused_gemv {
     const float *scale;      /* per row */
     float *out;              /* rows floats */
     int epi;                 /* EPI_STORE or EPI_ADD */
-    const float *x;          /* the input row (width floats; glu: gate|up, 2 * width) */
+    const float *x;          /* the input row: width floats */
     const float *norm_w;
     float eps;
-    int width, glu, relu2;
+    int width;
+    int glu, relu2;          /* gate|up rows: out[i] = act(gate_i) * up_i (rows / 2 floats) */
     int rope;                /* q|k|v rows: RoPE at *pos, k and v stored in the caches */
     const float *rope_cos, *rope_sin;
     const int32_t *pos;

@@ -60,34 +60,37 @@ __device__ __forceinline__ void put(void *cache, bool f32, int64_t at, float v)
         static_cast<__half *>(cache)[at] = __float2half_rn(v);
 }
 
-/* RMSNorm + absmax int8 of the input row into qs; returns the scale, *sum = sum of qs. */
-__device__ float norm_quant_block(const fused_gemv &a, float *buf, int8_t *qs, int *sum_out)
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+/* RMSNorm + absmax int8 of the input row (already in xs, norm weights in ws, shared memory)
+ * into qs; returns the scale, *sum_out = sum of qs. */
+__device__ float norm_quant_block(const fused_gemv &a, float *xs, const float *ws, int8_t *qs, int *sum_out)
 {
     __shared__ float redf[kWarps];
     __shared__ int redi[kWarps];
     const int n = a.width;
     float ss = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-        const float v = a.glu ? __fmul_rn(act(a.x[i], a.relu2), a.x[n + i]) : a.x[i];
-        buf[i] = v;
-        ss = __fadd_rn(ss, __fmul_rn(v, v));
-    }
+    for (int i = threadIdx.x; i < n; i += kThreads)
+        ss = __fadd_rn(ss, __fmul_rn(xs[i], xs[i]));
     ss = block_sum(ss, redf);
     const float r = sqrtf(__fadd_rn(__fdiv_rn(ss, (float)n), a.eps));
     float amax = 0.0f;
-#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += kThreads) {
-        const float y = __fmul_rn(__fdiv_rn(buf[i], r), a.norm_w[i]);
-        buf[i] = y;
+        const float y = __fmul_rn(__fdiv_rn(xs[i], r), ws[i]);
+        xs[i] = y;
         amax = fmaxf(amax, fabsf(y));
     }
     amax = block_max(amax, redf);
     const float s = __fdiv_rn(127.0f, amax > 1e-5f ? amax : 1e-5f);
     int sum = 0;
-#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += kThreads) {
-        const float q = fminf(fmaxf(rintf(__fmul_rn(buf[i], s)), -128.0f), 127.0f);
+        const float q = fminf(fmaxf(rintf(__fmul_rn(xs[i], s)), -128.0f), 127.0f);
         qs[i] = (int8_t)q;
         sum += (int)q;
     }
@@ -95,38 +98,66 @@ __device__ float norm_quant_block(const fused_gemv &a, float *buf, int8_t *qs, i
     return s;
 }
 
-template <int NCH>
-__global__ void __launch_bounds__(kThreads) gemv_t2_fused_kernel(const fused_gemv a)
+enum { MODE_PLAIN = 0, MODE_ROPE = 1, MODE_GLU = 2 };
+
+/* Rows of warp `unit`: PLAIN 2 consecutive rows; ROPE (i, i + head_dim/2) of one head; GLU gate
+ * rows 2u, 2u+1 and their up rows n_ff + 2u, n_ff + 2u + 1. */
+template <int MODE>
+__device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int r)
 {
+    if (MODE == MODE_ROPE) {
+        const int half = a.head_dim / 2;
+        return (unit / half) * a.head_dim + unit % half + r * half;
+    }
+    if (MODE == MODE_GLU)
+        return (r >= 2 ? a.rows / 2 : 0) + 2 * unit + (r & 1);
+    return 2 * unit + r;
+}
+
+template <int NCH, int MODE>
+__global__ void __launch_bounds__(kThreads, 4) gemv_t2_fused_kernel(const fused_gemv a)
+{
+    constexpr int R = MODE == MODE_GLU ? 4 : 2;
     extern __shared__ __align__(16) unsigned char smem[];
-    float *buf = reinterpret_cast<float *>(smem);
-    int8_t *qs = reinterpret_cast<int8_t *>(buf + a.width);
+    float *xs = reinterpret_cast<float *>(smem);
+    float *ws = xs + a.width;
+    int8_t *qs = reinterpret_cast<int8_t *>(ws + a.width);
     const int lane = threadIdx.x & 31;
-    const int64_t pair = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
-    const int half = a.head_dim / 2;
-    int64_t ra = 2 * pair, rb = 2 * pair + 1;
-    if (a.rope) {
-        ra = (pair / half) * a.head_dim + pair % half;
-        rb = ra + half;
-    }
-    const bool va = ra < a.rows, vb = rb < a.rows;
-    const int64_t rbytes = (int64_t)a.nchunks * 16;
-    uint4 wv[2][NCH];
+    const int64_t unit = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
+    int64_t row[R];
+    bool valid[R];
 #pragma unroll
-    for (int c = 0; c < NCH; c++) {
-        const int ch = lane + c * 32;
-        wv[0][c] = wv[1][c] = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
-        if (va && ch < a.nchunks)
-            wv[0][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + ra * rbytes + ch * 16));
-        if (vb && ch < a.nchunks)
-            wv[1][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + rb * rbytes + ch * 16));
+    for (int r = 0; r < R; r++) {
+        row[r] = row_of<MODE>(a, unit, r);
+        valid[r] = (MODE == MODE_GLU ? 2 * unit + (r & 1) < a.rows / 2 : row[r] < a.rows);
     }
+    const int64_t rbytes = (int64_t)a.nchunks * 16;
+    uint4 wv[R][NCH];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int c = 0; c < NCH; c++) {
+            const int ch = lane + c * 32;
+            wv[r][c] = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
+            if (valid[r] && ch < a.nchunks)
+                wv[r][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + row[r] * rbytes + ch * 16));
+        }
+    const int nvec = a.width / 4;
+    for (int i = threadIdx.x; i < nvec; i += kThreads)
+        cp_async16(ws + 4 * i, a.norm_w + 4 * i);
     grid_wait();
+    for (int i = threadIdx.x; i < nvec; i += kThreads)
+        cp_async16(xs + 4 * i, a.x + 4 * i);
+    cp_async_wait_all();
+    __syncthreads();
     int sum;
-    const float s = norm_quant_block(a, buf, qs, &sum);
-    if (!va)
+    const float s = norm_quant_block(a, xs, ws, qs, &sum);
+    if (!valid[0])
         return;
-    int32_t acc[2] = {0, 0};
+    int32_t acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+        acc[r] = 0;
 #pragma unroll
     for (int c = 0; c < NCH; c++) {
         const int ch = lane + c * 32;
@@ -139,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) gemv_t2_fused_kernel(const fused_gem
             xr[g * 4 + 0] = v.x; xr[g * 4 + 1] = v.y; xr[g * 4 + 2] = v.z; xr[g * 4 + 3] = v.w;
         }
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < R; r++) {
             const uint32_t words[4] = {wv[r][c].x, wv[r][c].y, wv[r][c].z, wv[r][c].w};
 #pragma unroll
             for (int i = 0; i < 4; i++)
@@ -149,21 +180,33 @@ __global__ void __launch_bounds__(kThreads) gemv_t2_fused_kernel(const fused_gem
         }
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < R; r++)
         for (int o = 16; o > 0; o >>= 1)
             acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
     if (lane != 0)
         return;
-    float ya = __fmul_rn(__fdiv_rn((float)(acc[0] - sum), s), a.scale[ra]);
-    float yb = vb ? __fmul_rn(__fdiv_rn((float)(acc[1] - sum), s), a.scale[rb]) : 0.0f;
-    if (!a.rope) {
-        a.out[ra] = a.epi == EPI_ADD ? __fadd_rn(a.out[ra], ya) : ya;
-        if (vb)
-            a.out[rb] = a.epi == EPI_ADD ? __fadd_rn(a.out[rb], yb) : yb;
+    float y[R];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+        y[r] = valid[r] ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), a.scale[row[r]]) : 0.0f;
+    if (MODE == MODE_PLAIN) {
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (valid[r])
+                a.out[row[r]] = a.epi == EPI_ADD ? __fadd_rn(a.out[row[r]], y[r]) : y[r];
         return;
     }
-    const int64_t head = ra / a.head_dim, j = pair % half, pos = *a.pos;
+    if (MODE == MODE_GLU) { /* act(gate) * up, as the CPU decoder: ffn = act(g); ffn *= u */
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+            if (valid[r])
+                a.out[2 * unit + r] = __fmul_rn(act(y[r], a.relu2), y[r + 2]);
+        return;
+    }
+    const int half = a.head_dim / 2;
+    const int64_t head = row[0] / a.head_dim, j = unit % half, pos = *a.pos;
     const int64_t e = (int64_t)a.n_head * a.head_dim, kv_dim = (int64_t)a.n_head_kv * a.head_dim;
+    float ya = y[0], yb = y[1];
     if (head < a.n_head + a.n_head_kv) { /* q or k: NeoX rotate-half */
         const float c = a.rope_cos[pos * half + j], sn = a.rope_sin[pos * half + j];
         const float y1 = __fsub_rn(__fmul_rn(ya, c), __fmul_rn(yb, sn));
@@ -171,45 +214,58 @@ __global__ void __launch_bounds__(kThreads) gemv_t2_fused_kernel(const fused_gem
         ya = y1;
         yb = y2;
     }
-    a.out[ra] = ya;
-    a.out[rb] = yb;
+    a.out[row[0]] = ya;
+    a.out[row[1]] = yb;
     if (head >= a.n_head) {
         const bool is_k = head < a.n_head + a.n_head_kv;
-        const int64_t off = ra - e - (is_k ? 0 : kv_dim);
+        const int64_t off = row[0] - e - (is_k ? 0 : kv_dim);
         void *cache = is_k ? a.k_cache : a.v_cache;
         put(cache, a.kv_f32, pos * kv_dim + off, ya);
         put(cache, a.kv_f32, pos * kv_dim + off + half, yb);
     }
 }
 
+template <int MODE>
+cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv &a)
+{
+    static bool raised[5] = {};
+    void (*k)(fused_gemv) = per == 1 ? gemv_t2_fused_kernel<1, MODE> : per == 2 ? gemv_t2_fused_kernel<2, MODE>
+                          : per == 3 ? gemv_t2_fused_kernel<3, MODE> : gemv_t2_fused_kernel<4, MODE>;
+    if (!raised[per]) { /* more than 48 KB of shared memory needs an opt-in per kernel */
+        const cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 9 * 8192);
+        if (err != cudaSuccess)
+            return err;
+        raised[per] = true;
+    }
+    return cudaLaunchKernelEx(&cfg, k, a);
+}
+
 } // namespace
 
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
 {
-    if (a.width % 128 != 0 || a.width > 8192 || (a.rope && a.rows % a.head_dim != 0))
+    const int mode = a.rope ? MODE_ROPE : a.glu ? MODE_GLU : MODE_PLAIN;
+    if (a.width % 128 != 0 || a.width > 8192 || (mode == MODE_ROPE && a.rows % a.head_dim != 0) ||
+        (mode == MODE_GLU && a.rows % 4 != 0))
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: width %d / rows %lld not supported", a.width,
                          (long long)a.rows);
     const int per = (a.nchunks + 31) / 32;
-    const unsigned blocks = (unsigned)((a.rows / 2 + (a.rows & 1) + kWarps - 1) / kWarps);
-    const size_t smem = (size_t)a.width * 5;
+    if (per < 1 || per > 4)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: %d chunks per lane", per);
+    const int64_t units = mode == MODE_GLU ? a.rows / 4 : (a.rows + 1) / 2;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = blocks;
+    cfg.gridDim = (unsigned)((units + kWarps - 1) / kWarps);
     cfg.blockDim = kThreads;
-    cfg.dynamicSmemBytes = smem;
+    cfg.dynamicSmemBytes = (size_t)a.width * 9;
     cfg.stream = st;
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr;
     cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
-    cudaError_t err;
-    switch (per) {
-    case 1: err = cudaLaunchKernelEx(&cfg, gemv_t2_fused_kernel<1>, a); break;
-    case 2: err = cudaLaunchKernelEx(&cfg, gemv_t2_fused_kernel<2>, a); break;
-    case 3: err = cudaLaunchKernelEx(&cfg, gemv_t2_fused_kernel<3>, a); break;
-    case 4: err = cudaLaunchKernelEx(&cfg, gemv_t2_fused_kernel<4>, a); break;
-    default: return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: %d chunks per lane", per);
-    }
+    const cudaError_t err = mode == MODE_ROPE ? launch_mode<MODE_ROPE>(cfg, per, a)
+                          : mode == MODE_GLU  ? launch_mode<MODE_GLU>(cfg, per, a)
+                                              : launch_mode<MODE_PLAIN>(cfg, per, a);
     if (err != cudaSuccess)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching fused gemv: %s", cudaGetErrorString(err));
     return TERN_OK;

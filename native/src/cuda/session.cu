@@ -21,7 +21,7 @@ int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, i
             return st_;             \
     } while (0)
 
-/* One decode step of a layer: 5 kernels (fused norm GEMVs, attention). */
+/* One decode step of a layer: 5 kernels (GEMVs with the norm fused in, attention). */
 /* TERN_CUDA_FUSED=0: decode through the prefill kernels (separate norm, GEMV, RoPE). */
 static bool fused_decode(void)
 {
@@ -66,9 +66,10 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     set(L->wo, s->att, L->attn_sub_norm, (int)e, s->x, EPI_ADD);
     TRY(launch_gemv_t2_fused(a, st));
     set(L->gate_up, s->x, L->ffn_norm, (int)e, s->h, EPI_STORE);
+    a.glu = 1;  /* the epilogue writes act(gate) * up: n_ff floats */
     TRY(launch_gemv_t2_fused(a, st));
+    a.glu = 0;
     set(L->down, s->h, L->ffn_sub_norm, (int)ff, s->x, EPI_ADD);
-    a.glu = 1;
     TRY(launch_gemv_t2_fused(a, st));
     return TERN_OK;
 }
