@@ -1,6 +1,9 @@
 #include "ops.h"
 
 #include <math.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 /* numpy's float32 pairwise summation (8 interleaved partial sums per block of <= 128, halves
  * split at a multiple of 8), so that norms round exactly as the reference's np.mean does. */
@@ -48,6 +51,16 @@ float tern_quantize_row(const float *x, int64_t n, int8_t *q)
      * loop-carried chain, so it vectorizes (H4b: the one-chain loop was ~7% of a prompt) */
     float m[16] = {0};
     int64_t i = 0;
+#if defined(__SSE__)
+    /* GCC keeps the portable loop below scalar: maxps(a, m) is exactly `a > m ? a : m` */
+    const __m128 sign = _mm_set1_ps(-0.0f);
+    __m128 mv[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++)
+            mv[j] = _mm_max_ps(_mm_andnot_ps(sign, _mm_loadu_ps(x + i + 4 * j)), mv[j]);
+    for (int j = 0; j < 4; j++)
+        _mm_storeu_ps(m + 4 * j, mv[j]);
+#endif
     for (; i + 16 <= n; i += 16)
         for (int j = 0; j < 16; j++) {
             const float a = fabsf(x[i + j]);
