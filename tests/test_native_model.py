@@ -314,6 +314,17 @@ def test_hostile_params_return_errors(byte_model, case):
         model.close()
 
 
+def test_non_finite_head_is_a_format_error_for_the_int8_copy(byte_model, rewrite_gguf, tmp_path):
+    from engine.gguf_file import F16
+    from engine.gguf_write import array_tensor
+    embd = np.random.default_rng(0).normal(0, 0.05, (259, 256)).astype(np.float16)
+    embd[200, 17] = np.inf
+    path = rewrite_gguf(byte_model("i2_s"), tmp_path / "inf.gguf",
+                        tensors={"token_embd.weight": array_tensor("token_embd.weight", (256, 259), F16, embd)})
+    with pytest.raises(ModelFormatError, match="row 200"):
+        native.NativeModel(load_model(path), "int8")
+
+
 def test_code_three_in_i2_s_is_a_format_error(byte_model, tmp_path):
     src = byte_model("i2_s")
     data = bytearray(src.read_bytes())

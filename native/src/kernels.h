@@ -146,6 +146,8 @@ void tern_gemm_i8_amx(const int8_t *q, int64_t k, const int8_t *x, int64_t ldx, 
 
 /* platform.c: the one file with OS-specific calls. */
 bool tern_os_enable_amx(void);   /* Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+/* Online CPUs (>= 1). */
+int tern_os_cpu_count(void);
 /* Drop the whole pages inside [p, p + n) of a read-only file mapping from the resident set. */
 void tern_os_release_pages(const void *p, uint64_t n);
 

@@ -26,6 +26,12 @@ bool tern_os_enable_amx(void) { return true; }
 #include <sys/mman.h>
 #include <unistd.h>
 
+int tern_os_cpu_count(void)
+{
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 void tern_os_release_pages(const void *p, uint64_t n)
 {
     const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
@@ -35,6 +41,8 @@ void tern_os_release_pages(const void *p, uint64_t n)
         madvise((void *)start, end - start, MADV_DONTNEED); /* advisory: failure changes nothing */
 }
 #else
+int tern_os_cpu_count(void) { return 1; }
+
 void tern_os_release_pages(const void *p, uint64_t n)
 {
     (void)p;
