@@ -138,6 +138,7 @@ class MainWindow(WindowModelsMixin, QMainWindow):
         self.context_meter.setRange(0, 1)
         self.context_meter.setValue(0)
         self.status_context = QLabel("")
+        self.context_meter.setVisible(False)        # until a model says how long its context is
         for widget in (self.status_model, self.status_backend, self.status_speed):
             bar.addWidget(widget)
         bar.addPermanentWidget(self.status_context)

@@ -116,6 +116,7 @@ class WindowModelsMixin:
             self._fill_model_picker()
 
     def _show_context(self, used: int, n_ctx: int) -> None:
+        self.context_meter.setVisible(n_ctx > 0)
         self.context_meter.setRange(0, max(1, n_ctx))
         self.context_meter.setValue(min(used, n_ctx))
         self.status_context.setText(f"Context {used:,} / {n_ctx:,}")
