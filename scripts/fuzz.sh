@@ -53,7 +53,7 @@ fuzz_one() {
     mkdir -p "$run" "$kept"
     local seeds=()
     [ "$harness" = fuzz_params ] && seeds=("$WORK/seeds/native")
-    ASAN_OPTIONS=detect_leaks=1 nice -n 19 build/fuzz/$harness -max_len=2048 -timeout=10 \
+    ASAN_OPTIONS=detect_leaks=1 nice -n 19 build/fuzz/$harness -max_len=2048 -len_control=0 -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$ART/$harness-" \
         -max_total_time="$secs" "$run" "$kept" "${seeds[@]}" > "$WORK/$harness.log" 2>&1 \
         || { tail -40 "$WORK/$harness.log"; return 1; }
