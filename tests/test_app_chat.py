@@ -277,3 +277,21 @@ def test_closing_mid_reply_keeps_it_as_stopped(qtbot, tern_home, bitnet_path):
         assert store.recovered == 0 and last.status == "stopped" and last.content
     finally:
         store.close()
+
+
+def test_the_engine_runs_only_on_the_worker_thread(qtbot, tern_app, bitnet_path):
+    import threading
+    app = tern_app
+    app.load(qtbot, bitnet_path)
+    decoder = app.worker.session.decoder
+    threads = set()
+    real_forward = decoder.forward
+
+    def spying_forward(ids, all_logits=False):      # records the thread, then runs the real forward
+        threads.add(threading.get_ident())
+        return real_forward(ids, all_logits)
+
+    decoder.forward = spying_forward
+    app.send(qtbot, "which thread?")
+    assert threads and threading.main_thread().ident not in threads
+    assert len(threads) == 1
