@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from PySide6.QtCore import QObject, Signal
 
@@ -271,7 +272,6 @@ class ChatController(QObject):
     def _on_loaded(self, info: dict) -> None:
         self.model, self.loading_path = info, None
         if self.settings.last_model != info["path"]:
-            from dataclasses import replace
             self.settings = replace(self.settings, last_model=info["path"])
             self.store.save_settings({"last_model": info["path"]})
         self.model_loaded.emit(info)

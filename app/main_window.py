@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt
@@ -357,7 +358,6 @@ class MainWindow(WindowModelsMixin, QMainWindow):
             self.apply_theme(settings.theme)
 
     def _set_theme(self, key: str) -> None:
-        from dataclasses import replace
         self.apply_settings(replace(self.controller.settings, theme=key))
 
     def _system_scheme_changed(self, *_) -> None:
