@@ -43,7 +43,8 @@ class WindowModelsMixin:
             picker.addItem("Choose a model…", None)
         known = {m["path"] for m in self._models}
         if current and current not in known:
-            picker.addItem(Path(current).stem, current)
+            loaded = self.controller.model
+            picker.addItem(loaded["name"] if loaded else Path(current).stem, current)
         for m in self._models:
             picker.addItem(f"{m['name']}  ·  {m.get('quant') or m['kind']}  ·  {human_size(m['size'])}", m["path"])
         picker.insertSeparator(picker.count())
