@@ -8,7 +8,7 @@
 #include "host_view.h"
 
 #define TERN_CUDA_CHUNK 256   /* tokens per prefill chunk (scratch is sized for it) */
-#define TERN_CUDA_MAX_SPLIT 32 /* decode attention splits */
+#define TERN_CUDA_MAX_SPLIT 64 /* decode attention splits */
 
 enum head_kind { HEAD_I8 = 0, HEAD_F16 = 1, HEAD_F32 = 2 };
 
@@ -41,7 +41,7 @@ struct tern_cuda_session {
     float *x, *qkv, *h, *att, *xf, *partial, *logits, *rope_cos, *rope_sin;
     int8_t *xq;
     act_meta *meta;
-    int *counters;             /* TERN_CUDA_CHUNK x n_head split counters of the attention (zero) */
+    int *counters;             /* TERN_CUDA_CHUNK x n_head_kv split counters of the attention (zero) */
     int32_t *pos;              /* device: the chunk's first position (read by the graph) */
     float *host_x;             /* pinned: TERN_CUDA_CHUNK x n_embd embedding rows */
     int32_t *host_pos;         /* pinned */

@@ -134,7 +134,7 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
     }
 }
 
-constexpr int kAttWarps = 4;
+constexpr int kMaxGroup = 16; /* q heads per KV head */
 
 template <int D>
 __device__ __forceinline__ void load_kv(const float *p, float (&f)[D])
@@ -161,27 +161,27 @@ __device__ __forceinline__ void load_kv(const __half *p, float (&f)[D])
     }
 }
 
-/* grid (n_head, n, n_split), 4 warps: split sp of the positions of query t, head h; each warp
- * an online softmax over its positions (lane owns D = head_dim/32 dims); the block writes
- * (max, sum, out[head_dim]) unnormalized to partial, and the last block of (t, h) to finish
- * (an atomic counter, reset by it) merges the splits into out. */
+/* grid (n_head_kv, n, n_split), one warp per q head of the KV group (they read the same K/V
+ * rows, so the group shares them through L1): split sp of the positions of query t, an online
+ * softmax 4 positions at a time (lane owns D = head_dim/32 dims). Each warp writes (max, sum,
+ * out[head_dim]) unnormalized to partial; the last block of (t, group) to finish (an atomic
+ * counter, reset by it) merges the splits into out. */
 template <int D, typename KV>
-__global__ void __launch_bounds__(kAttWarps * 32)
+__global__ void __launch_bounds__(kMaxGroup * 32)
 attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
                  const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,
                  const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial,
                  int *__restrict__ counters, float *__restrict__ out)
 {
     constexpr int HD = D * 32;
-    __shared__ float sm[kAttWarps], sl[kAttWarps], so[kAttWarps][HD];
-    const int h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int grp = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gs = n_head / n_head_kv;
+    const int h = grp * gs + warp;
     const int64_t kv_dim = (int64_t)n_head_kv * HD, e = (int64_t)n_head * HD;
     grid_wait();
     const int npos = *pos0 + t + 1;
     const int chunk = (npos + nsplit - 1) / nsplit, p0 = sp * chunk;
     const int p1 = min(npos, p0 + chunk);
-    const int grp = h / (n_head / n_head_kv);
     float q[D], o[D];
     const float *qrow = qkv + (int64_t)t * (e + 2 * kv_dim) + (int64_t)h * HD + lane * D;
 #pragma unroll
@@ -192,8 +192,7 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     float m = -INFINITY, l = 0.0f;
     const KV *kb = k_cache + (int64_t)grp * HD + lane * D;
     const KV *vb = v_cache + (int64_t)grp * HD + lane * D;
-    /* each warp takes 4 positions per step: their loads are in flight together */
-    for (int p = p0 + warp * 4; p < p1; p += kAttWarps * 4) {
+    for (int p = p0; p < p1; p += 4) {
         float kf[4][D], vf[4][D], sc[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -235,80 +234,50 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         }
         m = mn;
     }
-    if (lane == 0) {
-        sm[warp] = m;
-        sl[warp] = l;
-    }
+    float *dst = partial + (((int64_t)t * n_head + h) * nsplit + sp) * (HD + 2);
 #pragma unroll
     for (int i = 0; i < D; i++)
-        so[warp][lane * D + i] = o[i];
-    __syncthreads();
-    float M = sm[0];
-    for (int w = 1; w < kAttWarps; w++)
-        M = fmaxf(M, sm[w]);
-    float *dst = partial + (((int64_t)t * n_head + h) * nsplit + sp) * (HD + 2);
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float acc = 0.0f;
-        if (M != -INFINITY)
-            for (int w = 0; w < kAttWarps; w++)
-                acc += so[w][d] * expf(sm[w] - M);
-        dst[2 + d] = acc;
+        dst[2 + lane * D + i] = o[i];
+    if (lane == 0) {
+        dst[0] = m; /* -inf (and sum 0) for an empty split */
+        dst[1] = l;
     }
-    if (threadIdx.x == 0) {
-        float L = 0.0f;
-        if (M != -INFINITY)
-            for (int w = 0; w < kAttWarps; w++)
-                L += sl[w] * expf(sm[w] - M);
-        dst[0] = M;
-        dst[1] = L;
-    }
-    /* the last split block of this (token, head) merges all splits (no second kernel) */
+    /* the last block of this (token, group) merges every split of its heads */
     __shared__ int last;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
-        last = atomicAdd(counters + t * n_head + h, 1) == nsplit - 1;
+        last = atomicAdd(counters + t * n_head_kv + grp, 1) == nsplit - 1;
     __syncthreads();
     if (!last)
         return;
     __threadfence();
-    __shared__ float wgt[64];
-    __shared__ float total;
     const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (HD + 2);
-    if (threadIdx.x < 32) {
-        const int d = threadIdx.x;
-        float mx[2] = {-INFINITY, -INFINITY}, lv[2] = {0.0f, 0.0f};
-        for (int k = 0; k < 2; k++) {
-            const int sp2 = d + 32 * k;
-            if (sp2 < nsplit) {
-                mx[k] = __ldcg(src + sp2 * (HD + 2));
-                lv[k] = __ldcg(src + sp2 * (HD + 2) + 1);
-            }
-        }
-        float Mx = fmaxf(mx[0], mx[1]);
-        for (int off = 16; off > 0; off >>= 1)
-            Mx = fmaxf(Mx, __shfl_xor_sync(0xffffffffu, Mx, off));
-        float L = 0.0f;
-        for (int k = 0; k < 2; k++) {
-            const float f = mx[k] == -INFINITY ? 0.0f : expf(mx[k] - Mx);
-            wgt[d + 32 * k] = f;
-            L += lv[k] * f;
-        }
-        for (int off = 16; off > 0; off >>= 1)
-            L += __shfl_xor_sync(0xffffffffu, L, off);
-        if (d == 0) {
-            total = L;
-            counters[t * n_head + h] = 0; /* ready for the next launch */
-        }
+    float M = -INFINITY;
+    for (int s2 = lane; s2 < nsplit; s2 += 32)
+        M = fmaxf(M, __ldcg(src + s2 * (HD + 2)));
+    for (int off = 16; off > 0; off >>= 1)
+        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    float L = 0.0f, acc[D];
+#pragma unroll
+    for (int i = 0; i < D; i++)
+        acc[i] = 0.0f;
+    for (int s2 = 0; s2 < nsplit; s2++) {
+        const float *ps = src + s2 * (HD + 2);
+        const float ms = __ldcg(ps);
+        if (ms == -INFINITY)
+            continue;
+        const float f = expf(ms - M);
+        L += __ldcg(ps + 1) * f;
+#pragma unroll
+        for (int i = 0; i < D; i++)
+            acc[i] += __ldcg(ps + 2 + lane * D + i) * f;
     }
-    __syncthreads();
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int sp2 = 0; sp2 < nsplit; sp2++)
-            acc += __ldcg(src + sp2 * (HD + 2) + 2 + d) * wgt[sp2];
-        out[(int64_t)t * e + (int64_t)h * HD + d] = acc / total;
-    }
+#pragma unroll
+    for (int i = 0; i < D; i++)
+        out[(int64_t)t * e + (int64_t)h * HD + lane * D + i] = acc[i] / L;
+    if (threadIdx.x == 0)
+        counters[t * n_head_kv + grp] = 0; /* ready for the next launch */
 }
 
 } // namespace
@@ -347,9 +316,9 @@ static cudaError_t attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const 
                                  int *counters, float *out)
 {
     if (kv_f32)
-        return launch_k(attention_kernel<D, float>, grid, kAttWarps * 32, st, qkv, n_head, n_head_kv,
+        return launch_k(attention_kernel<D, float>, grid, 32 * (n_head / n_head_kv), st, qkv, n_head, n_head_kv,
                         (const float *)k_cache, (const float *)v_cache, pos, scale, partial, counters, out);
-    return launch_k(attention_kernel<D, __half>, grid, kAttWarps * 32, st, qkv, n_head, n_head_kv,
+    return launch_k(attention_kernel<D, __half>, grid, 32 * (n_head / n_head_kv), st, qkv, n_head, n_head_kv,
                     (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial, counters, out);
 }
 
@@ -358,9 +327,10 @@ int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_
                          const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
                          cudaStream_t st)
 {
-    if (n_split < 1 || n_split > 64)
-        return tern_fail(TERN_ERR_INVALID, "cuda attention: %d splits", n_split);
-    const dim3 grid((unsigned)n_head, (unsigned)n, (unsigned)n_split);
+    if (n_split < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: %d heads over %d KV heads (%d splits)", n_head,
+                         n_head_kv, n_split);
+    const dim3 grid((unsigned)n_head_kv, (unsigned)n, (unsigned)n_split);
     const float scale = (float)(1.0 / sqrt((double)head_dim));
     cudaError_t err;
     switch (head_dim) {

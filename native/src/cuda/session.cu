@@ -83,7 +83,7 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
     const bool f32 = s->kv_type == TERN_KV_F32;
     const bool relu2 = h->activation == TERN_ACT_RELU2;
-    /* decode: 32 splits of the positions; prefill: 4 (the partials buffer holds 4 per token) */
+    /* decode: 64 splits of the positions; prefill: 4 (the partials buffer holds 4 per token) */
     const int32_t nsplit = n * 4 >= TERN_CUDA_MAX_SPLIT ? 4 : TERN_CUDA_MAX_SPLIT / n;
     cudaStream_t st = s->stream;
     TRY(launch_norm_quant(s->x, e, L->attn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
