@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPus
                                QSizePolicy, QTextBrowser, QToolButton, QVBoxLayout, QWidget)
 
 import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
-from app.markdown import split_markdown
+from app.markdown import split_markdown, stable_prefix
 from app.theme import LIGHT, Colors, app_icon, icon
 
 MAX_BUBBLE_WIDTH = 760
@@ -127,6 +127,7 @@ class MessageWidget(QFrame):
         self.role, self.position, self.colors = role, position, colors
         self.text = ""
         self._stream_view: StreamView | None = None
+        self._rendered_upto = 0
         self._regenerate_button: QToolButton | None = None
         self.actions = QHBoxLayout()
         self.actions.setSpacing(2)
@@ -213,15 +214,11 @@ class MessageWidget(QFrame):
             self.body.addWidget(label)
             return
         for segment in split_markdown(text):
-            if segment.kind == "code":
-                self.body.addWidget(CodeBlock(segment.text, segment.language, self.colors))
-            else:
-                view = AutoHeightBrowser()
-                view.setMarkdown(segment.text)
-                self.body.addWidget(view)
+            self.body.addWidget(self._segment_widget(segment))
 
     def begin_stream(self) -> None:
         self.text = ""
+        self._rendered_upto = 0              # self.text[:this] is shown rendered above the stream view
         self._clear_body()
         self._stream_view = StreamView()
         self.body.addWidget(self._stream_view)
@@ -232,6 +229,29 @@ class MessageWidget(QFrame):
             self.begin_stream()
         self.text += delta
         self._stream_view.append_plain(delta)
+
+    def render_progress(self) -> None:
+        """While streaming (throttled by the caller): render the paragraphs and code blocks that
+        are complete, keep only the unfinished tail as plain text."""
+        if self._stream_view is None:
+            return
+        tail = self.text[self._rendered_upto:]
+        cut = stable_prefix(tail)
+        if cut == 0:
+            return
+        at = self.body.indexOf(self._stream_view)
+        for segment in split_markdown(tail[:cut]):
+            self.body.insertWidget(at, self._segment_widget(segment))
+            at += 1
+        self._rendered_upto += cut
+        self._stream_view.setPlainText(tail[cut:])
+
+    def _segment_widget(self, segment) -> QWidget:
+        if segment.kind == "code":
+            return CodeBlock(segment.text, segment.language, self.colors)
+        view = AutoHeightBrowser()
+        view.setMarkdown(segment.text)
+        return view
 
     def set_footer(self, text: str, warning: bool = False) -> None:
         self.footer.setText(text)

@@ -10,7 +10,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import QSize, Qt
+from PySide6.QtCore import QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (QApplication, QComboBox, QFileDialog, QFrame, QHBoxLayout, QInputDialog, QLabel,
                                QMainWindow, QMessageBox, QProgressBar, QPushButton, QToolButton, QVBoxLayout,
@@ -29,6 +29,9 @@ from app.window_models import WindowModelsMixin, has_module
 
 log = logging.getLogger(__name__)
 
+STREAM_RENDER_MS = 1000
+
+
 class MainWindow(WindowModelsMixin, QMainWindow):
     def __init__(self, controller: ChatController, parent: QWidget | None = None):
         super().__init__(parent)
@@ -40,6 +43,10 @@ class MainWindow(WindowModelsMixin, QMainWindow):
         self._backends: dict | None = None
         self._streaming = None           # the MessageWidget of the reply being streamed
         self.load_default_model = False  # set at start when no model was named: load the library's default
+        # Markdown of a streaming reply is rendered at most this often (whole paragraphs and
+        # code blocks only); the rest streams in as plain text.
+        self._render_timer = QTimer(self, interval=STREAM_RENDER_MS)
+        self._render_timer.timeout.connect(self._render_streaming)
         self.setWindowTitle("Tern")
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
@@ -257,12 +264,20 @@ class MainWindow(WindowModelsMixin, QMainWindow):
         self.chat.assistant_title = self._model_title()
         self._streaming = self.chat.add_message("assistant", reply.position, "", "streaming")
         self._streaming.begin_stream()
+        self._render_timer.start()
+
+    def _render_streaming(self) -> None:
+        if self._streaming is None:
+            self._render_timer.stop()
+        else:
+            self._streaming.render_progress()
 
     def _reply_delta(self, text: str) -> None:
         if self._streaming is not None:
             self._streaming.append(text)
 
     def _reply_finished(self, message) -> None:
+        self._render_timer.stop()
         widget, self._streaming = self._streaming, None
         current = self.controller.conversation
         if widget is None or current is None or message.conversation_id != current.id:

@@ -55,3 +55,24 @@ def _flush_prose(prose: list[str], segments: list[Segment]) -> None:
     if text.strip():
         segments.append(Segment("text", text))
     prose.clear()
+
+
+def stable_prefix(source: str) -> int:
+    """Length of the part of a growing reply whose rendering can no longer change: up to the
+    last blank line outside a code block, or the end of the last closed code block. Only
+    whole lines count: the line being written is never part of it."""
+    cut, offset, closing = 0, 0, None
+    lines = source.split("\n")
+    for line in lines[:-1]:                    # the last line is still being written
+        offset += len(line) + 1
+        if closing is not None:
+            if closing.match(line):
+                closing, cut = None, offset
+            continue
+        match = _FENCE.match(line)
+        if match:
+            fence = match.group(2)
+            closing = re.compile(r"^ {0,3}" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$")
+        elif not line.strip():
+            cut = offset
+    return cut
