@@ -152,12 +152,14 @@ def run_cuda_bench(model: Path, lm_heads, repeat: int, tg: int, n_ctx: int, peer
         for s in r["gemv"].values():
             s["fraction"] = s["gbps"] / bw
         report["engines"].append(r)
+        log.info("tern cuda %s head: %s", head, json.dumps({k: v for k, v in r.items() if k != "gemv"}))
     if peer:
         with load_model(model) as m:
             hp = m.hparams
         for online in (False, True):
             try:
                 report["engines"].append(bench_transformers(hp, repeat, tg, online))
+                log.info("%s", json.dumps(report["engines"][-1]))
             except Exception as exc:  # noqa: BLE001 - the peer is reported as blocked, with why
                 log.warning("transformers route failed: %s", exc)
                 report["engines"].append({"engine": "transformers BitNetForCausalLM"

@@ -252,26 +252,33 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     if (!last)
         return;
     __threadfence();
+    __shared__ float wts[kMaxGroup][64];
     const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (HD + 2);
     float M = -INFINITY;
     for (int s2 = lane; s2 < nsplit; s2 += 32)
         M = fmaxf(M, __ldcg(src + s2 * (HD + 2)));
     for (int off = 16; off > 0; off >>= 1)
         M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-    float L = 0.0f, acc[D];
+    float L = 0.0f;
+    for (int s2 = lane; s2 < nsplit; s2 += 32) {
+        const float ms = __ldcg(src + s2 * (HD + 2));
+        const float f = ms == -INFINITY ? 0.0f : expf(ms - M);
+        wts[warp][s2] = f;
+        L += __ldcg(src + s2 * (HD + 2) + 1) * f;
+    }
+    for (int off = 16; off > 0; off >>= 1)
+        L += __shfl_xor_sync(0xffffffffu, L, off);
+    __syncwarp();
+    float acc[D];
 #pragma unroll
     for (int i = 0; i < D; i++)
         acc[i] = 0.0f;
-    for (int s2 = 0; s2 < nsplit; s2++) {
-        const float *ps = src + s2 * (HD + 2);
-        const float ms = __ldcg(ps);
-        if (ms == -INFINITY)
-            continue;
-        const float f = expf(ms - M);
-        L += __ldcg(ps + 1) * f;
+#pragma unroll 8
+    for (int s2 = 0; s2 < nsplit; s2++) { /* independent loads: many in flight */
+        const float f = wts[warp][s2];
 #pragma unroll
         for (int i = 0; i < D; i++)
-            acc[i] += __ldcg(ps + 2 + lane * D + i) * f;
+            acc[i] += __ldcg(src + s2 * (HD + 2) + 2 + lane * D + i) * f;
     }
 #pragma unroll
     for (int i = 0; i < D; i++)
@@ -327,7 +334,7 @@ int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_
                          const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
                          cudaStream_t st)
 {
-    if (n_split < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup)
+    if (n_split < 1 || n_split > 64 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: %d heads over %d KV heads (%d splits)", n_head,
                          n_head_kv, n_split);
     const dim3 grid((unsigned)n_head_kv, (unsigned)n, (unsigned)n_split);
