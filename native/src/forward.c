@@ -1,11 +1,12 @@
 /* One chunk of the BitNet decoder step on the thread pool (the arithmetic of
- * engine/reference.py). Five phases per layer, one barrier after each:
- *   P1 norm+quant (every thread, redundantly: cheaper than a barrier), Q/K/V rows per head
- *      with RoPE and the KV-cache store;  P2 attention per (token, head);
- *   P3 sub-norm+quant, wo rows added to the residual;  P4 norm+quant, gate and up rows, act;
- *   P5 sub-norm+quant, down rows added to the residual.  Then the LM head.
- * Work items are taken from one atomic counter per phase, so a preempted thread's share is
- * picked up by the others instead of stalling the barrier. */
+ * engine/reference.py). Per layer, five phases (phase.h: items from a counter, then a wait for
+ * all items done — no per-phase meeting of threads):
+ *   P1 Q/K/V rows, one head per item, with RoPE and the KV-cache store;  P2 attention;
+ *   P3 wo rows added to the residual;  P4 gate and up rows, act(gate) * up;
+ *   P5 down rows added to the residual.  Then the LM head.
+ * Each GEMM phase's input is RMS-normalized and int8-quantized first: for one token, privately
+ * by every thread that joins the phase (cheaper than a meeting); for a prompt chunk, in an input
+ * phase of its own, one token per item, into shared buffers. */
 #include <math.h>
 #include <string.h>
 
@@ -13,6 +14,7 @@
 #include "f16.h"
 #include "kv_cache.h"
 #include "ops.h"
+#include "phase.h"
 #include "session.h"
 
 typedef struct job {
@@ -22,35 +24,47 @@ typedef struct job {
     bool all;
 } job;
 
-static int64_t take(tern_session *s, int32_t phase)
-{
-    return atomic_fetch_add_explicit(&s->work[phase], 1, memory_order_relaxed);
-}
-
 static void trace(const job *j, const char *name, int32_t layer, const float *data, int32_t n, int64_t w)
 {
     j->s->trace(j->s->trace_user, name, layer, data, n, (int32_t)w);
 }
 
-/* Rows t0..n of in (stride ld) normalized with w, then quantized; sets ts->in_*. */
-static void norm_quant(const job *j, thread_scratch *ts, const float *in, int64_t ld, const float *w,
-                       int64_t width, int32_t t0)
+static void quantize_token(const job *j, const phase_input *in, int32_t t, float *xf, float *xs, int8_t *xq)
+{
+    tern_rms_norm(in->in + t * in->ld, in->w, in->width, j->s->m->rms_eps, xf);
+    *xs = tern_quantize_row(xf, in->width, xq);
+}
+
+/* Sets ts->in_* for the next GEMM phase. One token: only records the input (prepare_input
+ * computes it once that phase is known to have items). A prompt chunk: an input phase. */
+static void input_phase(const job *j, thread_scratch *ts, phase_input in)
 {
     tern_session *s = j->s;
-    const float eps = s->m->rms_eps;
-    const bool shared = j->n - t0 > 1;
-    float *xf = shared ? s->xf : ts->xf, *xs = shared ? s->xs : ts->xs;
-    int8_t *xq = shared ? s->xq : ts->xq;
-    const int32_t step = shared ? ts->nth : 1;
-    for (int32_t t = t0 + (shared ? ts->ith : 0); t < j->n; t += step) {
-        tern_rms_norm(in + t * ld, w, width, eps, xf + (t - t0) * width);
-        xs[t - t0] = tern_quantize_row(xf + (t - t0) * width, width, xq + (t - t0) * width);
+    const int64_t w = in.width;
+    if (j->n - in.t0 == 1) {
+        ts->pending = in;
+        ts->has_pending = true;
+        ts->in_q = ts->xq, ts->in_s = ts->xs, ts->in_f = ts->xf;
+        return;
     }
-    if (shared)
-        tern_pool_barrier(s->pool);
-    ts->in_q = xq;
-    ts->in_s = xs;
-    ts->in_f = xf;
+    ts->has_pending = false;
+    phase ph;
+    int64_t it;
+    if (phase_open(s, ts, j->n - in.t0, &ph))
+        while (phase_take(s, &ph, &it)) {
+            quantize_token(j, &in, in.t0 + (int32_t)it, s->xf + it * w, &s->xs[it], s->xq + it * w);
+            phase_done(s, &ph);
+        }
+    phase_wait(s, &ph);
+    ts->in_q = s->xq, ts->in_s = s->xs, ts->in_f = s->xf;
+}
+
+static void prepare_input(const job *j, thread_scratch *ts)
+{
+    if (ts->has_pending) {
+        quantize_token(j, &ts->pending, ts->pending.t0, ts->xf, ts->xs, ts->xq);
+        ts->has_pending = false;
+    }
 }
 
 /* acc[t * nr + i] = rows r0..r0+nr of w times this thread's quantized tokens. */
@@ -92,34 +106,55 @@ static void store_rows(const int32_t *restrict acc, float s, float scale, float 
     }
 }
 
-static void qkv_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
+/* ---- the phases: an item function each, run by run_phase ---- */
+
+typedef void (*item_fn)(const job *j, thread_scratch *ts, const void *arg, int64_t it);
+
+static void run_phase(const job *j, thread_scratch *ts, int64_t items, bool gemm, item_fn fn, const void *arg)
+{
+    tern_session *s = j->s;
+    phase ph;
+    int64_t it;
+    if (phase_open(s, ts, items, &ph)) {
+        if (gemm)
+            prepare_input(j, ts);
+        while (phase_take(s, &ph, &it)) {
+            fn(j, ts, arg, it);
+            phase_done(s, &ph);
+        }
+    }
+    phase_wait(s, &ph);
+}
+
+/* P1 item: one head of Q, K or V, with RoPE (Q, K) and the cache store (K, V). */
+static void qkv_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
     tern_session *s = j->s;
     const tern_model *m = s->m;
+    const int32_t layer = *(const int32_t *)arg;
     const model_layer *L = &m->layers[layer];
     const int64_t hd = m->head_dim, e = m->n_embd, half = hd / 2;
-    const int64_t items = m->n_head + 2 * (int64_t)m->n_head_kv;
-    for (int64_t it = take(s, phase); it < items; it = take(s, phase)) {
-        const int kind = it < m->n_head ? 0 : (it < m->n_head + m->n_head_kv ? 1 : 2);
-        const int64_t head = kind == 0 ? it : (kind == 1 ? it - m->n_head : it - m->n_head - m->n_head_kv);
-        const t2_matrix *w = kind == 0 ? &L->wq : (kind == 1 ? &L->wk : &L->wv);
-        const int64_t r0 = head * hd, col = kind == 0 ? r0 : (kind == 1 ? e + r0 : e + s->kv_dim + r0);
-        t2_rows(j, ts, w, r0, hd);
-        for (int32_t t = 0; t < j->n; t++) {
-            float *out = s->qkv + t * s->qkv_dim + col;
-            store_rows(ts->acc + t * hd, ts->in_s[t], w->scale, out, hd, OUT_SET);
-            if (kind != 2)
-                tern_rope_head(out, (int32_t)hd, s->rope_cos + t * half, s->rope_sin + t * half);
-            if (kind != 0)
-                tern_kv_store(s, kind == 2, layer, j->first + t, head, out);
-        }
+    const int kind = it < m->n_head ? 0 : (it < m->n_head + m->n_head_kv ? 1 : 2);
+    const int64_t head = kind == 0 ? it : (kind == 1 ? it - m->n_head : it - m->n_head - m->n_head_kv);
+    const t2_matrix *w = kind == 0 ? &L->wq : (kind == 1 ? &L->wk : &L->wv);
+    const int64_t r0 = head * hd, col = kind == 0 ? r0 : (kind == 1 ? e + r0 : e + s->kv_dim + r0);
+    t2_rows(j, ts, w, r0, hd);
+    for (int32_t t = 0; t < j->n; t++) {
+        float *out = s->qkv + t * s->qkv_dim + col;
+        store_rows(ts->acc + t * hd, ts->in_s[t], w->scale, out, hd, OUT_SET);
+        if (kind != 2)
+            tern_rope_head(out, (int32_t)hd, s->rope_cos + t * half, s->rope_sin + t * half);
+        if (kind != 0)
+            tern_kv_store(s, kind == 2, layer, j->first + t, head, out);
     }
 }
 
-static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32_t t, int32_t h)
+/* P2 item (per-head path): token t, query head h. */
+static void attention_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
     const tern_session *s = j->s;
     const tern_model *m = s->m;
+    const int32_t layer = *(const int32_t *)arg, t = (int32_t)(it / m->n_head), h = (int32_t)(it % m->n_head);
     const int64_t hd = m->head_dim, g = h / (m->n_head / m->n_head_kv);
     const int32_t npos = j->first + t + 1;
     const float scale = (float)(1.0 / sqrt((double)hd));
@@ -139,72 +174,71 @@ static void attention_one(const job *j, thread_scratch *ts, int32_t layer, int32
         tern_kv_axpy(s, layer, p, g, ts->scores[p] / sum, out);
 }
 
-/* Prompt chunks with an f16 cache: attn_prefill.h's batched kernel (helper H4b), work items
- * of ATTN_TOKENS tokens x one KV group, so each converted K/V row serves many query rows. */
+/* P2 item for prompt chunks with an f16 cache: attn_prefill.h's batched kernel (helper H4b),
+ * ATTN_TOKENS tokens x one KV group, so each converted K/V row serves many query rows. */
 #define ATTN_TOKENS 16
-static bool attention_batched(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
+static void attention_batched_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
-    tern_session *s = j->s;
+    const tern_session *s = j->s;
     const tern_model *m = s->m;
+    const int32_t layer = *(const int32_t *)arg;
     const int32_t group = (int32_t)(m->n_head / m->n_head_kv), hd = (int32_t)m->head_dim;
-    if (j->n < 2 || s->kv_type != TERN_KV_F16 ||
-        !tern_attention_prefill_supported(group, hd, TERN_GEMM_SCRATCH_BYTES))
-        return false;
-    const int64_t nkv = m->n_head_kv, items = nkv * ((j->n + ATTN_TOKENS - 1) / ATTN_TOKENS);
-    const int64_t cache = (int64_t)layer * s->n_ctx * s->kv_dim;
-    for (int64_t it = take(s, phase); it < items; it = take(s, phase)) {
-        const int64_t g = it % nkv, t0 = it / nkv * ATTN_TOKENS;
-        const tern_attn_args a = {
-            s->qkv + t0 * s->qkv_dim + g * group * hd, s->qkv_dim,
-            (const uint16_t *)s->k_cache + cache + g * hd, (const uint16_t *)s->v_cache + cache + g * hd,
-            s->kv_dim, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
-            j->first + (int32_t)t0, (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS),
-            group, hd, (float)(1.0 / sqrt((double)hd))};
-        tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
-    }
-    return true;
+    const int64_t nkv = m->n_head_kv, cache = (int64_t)layer * s->n_ctx * s->kv_dim;
+    const int64_t g = it % nkv, t0 = it / nkv * ATTN_TOKENS;
+    const tern_attn_args a = {
+        s->qkv + t0 * s->qkv_dim + g * group * hd, s->qkv_dim,
+        (const uint16_t *)s->k_cache + cache + g * hd, (const uint16_t *)s->v_cache + cache + g * hd,
+        s->kv_dim, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
+        j->first + (int32_t)t0, (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS),
+        group, hd, (float)(1.0 / sqrt((double)hd))};
+    tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
 }
 
-static void attention_phase(const job *j, thread_scratch *ts, int32_t layer, int32_t phase)
+static void attention_phase(const job *j, thread_scratch *ts, const int32_t *layer)
 {
-    if (attention_batched(j, ts, layer, phase))
-        return;
-    const int64_t nh = j->s->m->n_head, items = (int64_t)j->n * nh;
-    for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase))
-        attention_one(j, ts, layer, (int32_t)(it / nh), (int32_t)(it % nh));
+    const tern_model *m = j->s->m;
+    if (j->n > 1 && j->s->kv_type == TERN_KV_F16 &&
+        tern_attention_prefill_supported(m->n_head / m->n_head_kv, m->head_dim, TERN_GEMM_SCRATCH_BYTES))
+        run_phase(j, ts, m->n_head_kv * ((j->n + ATTN_TOKENS - 1) / ATTN_TOKENS), false,
+                  attention_batched_item, layer);
+    else
+        run_phase(j, ts, (int64_t)j->n * m->n_head, false, attention_item, layer);
 }
 
-/* dst[t * ld + r] (+)= BitLinear rows of w, ROW_CHUNK rows per work item. */
-static void rows_phase(const job *j, thread_scratch *ts, const t2_matrix *w, float *dst, int64_t ld,
-                       bool add, int32_t phase)
+/* P3 / P5 item: ROW_CHUNK rows of wo or down, added to the residual. */
+typedef struct rows_arg {
+    const t2_matrix *w;
+    float *dst;
+    int64_t ld;
+} rows_arg;
+
+static void residual_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
-    const int64_t items = (w->rows + ROW_CHUNK - 1) / ROW_CHUNK;
-    for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase)) {
-        const int64_t r0 = it * ROW_CHUNK, nr = w->rows - r0 < ROW_CHUNK ? w->rows - r0 : ROW_CHUNK;
-        t2_rows(j, ts, w, r0, nr);
-        for (int32_t t = 0; t < j->n; t++)
-            store_rows(ts->acc + t * nr, ts->in_s[t], w->scale, dst + t * ld + r0, nr, add ? OUT_ADD : OUT_SET);
-    }
+    const rows_arg *a = arg;
+    const int64_t r0 = it * ROW_CHUNK, nr = a->w->rows - r0 < ROW_CHUNK ? a->w->rows - r0 : ROW_CHUNK;
+    t2_rows(j, ts, a->w, r0, nr);
+    for (int32_t t = 0; t < j->n; t++)
+        store_rows(ts->acc + t * nr, ts->in_s[t], a->w->scale, a->dst + t * a->ld + r0, nr, OUT_ADD);
 }
 
-static void gate_up_phase(const job *j, thread_scratch *ts, const model_layer *L, int32_t phase)
+/* P4 item: ROW_CHUNK rows of gate and up: act(gate) * up. */
+static void gate_up_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
     tern_session *s = j->s;
-    const int64_t ff = s->m->n_ff, items = (ff + ROW_CHUNK - 1) / ROW_CHUNK;
+    const model_layer *L = arg;
+    const int64_t ff = s->m->n_ff, r0 = it * ROW_CHUNK, nr = ff - r0 < ROW_CHUNK ? ff - r0 : ROW_CHUNK;
     const bool relu2 = s->m->activation == TERN_ACT_RELU2;
-    for (int64_t it = take(s, phase); it < items; it = take(s, phase)) {
-        const int64_t r0 = it * ROW_CHUNK, nr = ff - r0 < ROW_CHUNK ? ff - r0 : ROW_CHUNK;
-        t2_rows(j, ts, &L->w_gate, r0, nr);
-        for (int32_t t = 0; t < j->n; t++)
-            store_rows(ts->acc + t * nr, ts->in_s[t], L->w_gate.scale, s->ffn + t * ff + r0, nr,
-                       relu2 ? OUT_RELU2 : OUT_SILU);
-        t2_rows(j, ts, &L->w_up, r0, nr);
-        for (int32_t t = 0; t < j->n; t++)
-            store_rows(ts->acc + t * nr, ts->in_s[t], L->w_up.scale, s->ffn + t * ff + r0, nr, OUT_MUL);
-    }
+    t2_rows(j, ts, &L->w_gate, r0, nr);
+    for (int32_t t = 0; t < j->n; t++)
+        store_rows(ts->acc + t * nr, ts->in_s[t], L->w_gate.scale, s->ffn + t * ff + r0, nr,
+                   relu2 ? OUT_RELU2 : OUT_SILU);
+    t2_rows(j, ts, &L->w_up, r0, nr);
+    for (int32_t t = 0; t < j->n; t++)
+        store_rows(ts->acc + t * nr, ts->in_s[t], L->w_up.scale, s->ffn + t * ff + r0, nr, OUT_MUL);
 }
 
-/* Thread 0 only, after a barrier: copies a column block of qkv into its own buffer to trace. */
+/* Thread 0 only, with every phase ended by a barrier (tracing): copies a column block of qkv
+ * into its own buffer to trace it. */
 static void trace_qkv(const job *j, thread_scratch *ts, int32_t layer)
 {
     const tern_session *s = j->s;
@@ -218,47 +252,57 @@ static void trace_qkv(const job *j, thread_scratch *ts, int32_t layer)
     }
 }
 
+/* Every thread, after thread 0's trace calls: nobody moves the traced buffers meanwhile. */
+static void trace_sync(const job *j)
+{
+    if (j->s->trace)
+        tern_pool_barrier(j->s->pool);
+}
+
 static void layer_job(const job *j, thread_scratch *ts, int32_t layer, bool tr)
 {
     tern_session *s = j->s;
     const tern_model *m = s->m;
     const model_layer *L = &m->layers[layer];
-    const int64_t e = m->n_embd, ff = m->n_ff;
-    const int32_t ph = layer * 5;
+    const int64_t e = m->n_embd, ff = m->n_ff, rows = (e + ROW_CHUNK - 1) / ROW_CHUNK;
 
-    norm_quant(j, ts, s->x, e, L->attn_norm, e, 0);
+    input_phase(j, ts, (phase_input){s->x, e, L->attn_norm, e, 0});
+    run_phase(j, ts, m->n_head + 2 * (int64_t)m->n_head_kv, true, qkv_item, &layer);
     if (tr) trace(j, "attn_norm", layer, ts->in_f, j->n, e);
-    qkv_phase(j, ts, layer, ph);
-    tern_pool_barrier(s->pool);
     if (tr) trace_qkv(j, ts, layer);
+    trace_sync(j);
 
-    attention_phase(j, ts, layer, ph + 1);
-    tern_pool_barrier(s->pool);
+    attention_phase(j, ts, &layer);
     if (tr) trace(j, "attn", layer, s->att, j->n, e);
+    trace_sync(j);
 
-    norm_quant(j, ts, s->att, e, L->attn_sub_norm, e, 0);
+    input_phase(j, ts, (phase_input){s->att, e, L->attn_sub_norm, e, 0});
+    const rows_arg wo = {&L->wo, s->x, e};
+    run_phase(j, ts, rows, true, residual_item, &wo);
     if (tr) trace(j, "attn_sub_norm", layer, ts->in_f, j->n, e);
-    rows_phase(j, ts, &L->wo, s->x, e, true, ph + 2);
-    tern_pool_barrier(s->pool);
+    trace_sync(j);
 
-    norm_quant(j, ts, s->x, e, L->ffn_norm, e, 0);
+    input_phase(j, ts, (phase_input){s->x, e, L->ffn_norm, e, 0});
+    run_phase(j, ts, (ff + ROW_CHUNK - 1) / ROW_CHUNK, true, gate_up_item, L);
     if (tr) trace(j, "ffn_norm", layer, ts->in_f, j->n, e);
-    gate_up_phase(j, ts, L, ph + 3);
-    tern_pool_barrier(s->pool);
     if (tr) trace(j, "ffn_act", layer, s->ffn, j->n, ff);
+    trace_sync(j);
 
-    norm_quant(j, ts, s->ffn, ff, L->ffn_sub_norm, ff, 0);
+    input_phase(j, ts, (phase_input){s->ffn, ff, L->ffn_sub_norm, ff, 0});
+    const rows_arg down = {&L->w_down, s->x, e};
+    run_phase(j, ts, rows, true, residual_item, &down);
     if (tr) trace(j, "ffn_sub_norm", layer, ts->in_f, j->n, ff);
-    rows_phase(j, ts, &L->w_down, s->x, e, true, ph + 4);
-    tern_pool_barrier(s->pool);
     if (tr) trace(j, "out", layer, s->x, j->n, e);
+    trace_sync(j);
 }
 
-static void head_item(const job *j, thread_scratch *ts, int64_t r0, int64_t nr, int32_t t0)
+/* LM-head item: HEAD_CHUNK vocabulary rows for the tokens t0..n-1. */
+static void head_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
     const tern_model *m = j->s->m;
-    const int64_t e = m->n_embd, V = m->n_vocab;
-    const int32_t nt = j->n - t0;
+    const int32_t t0 = *(const int32_t *)arg, nt = j->n - t0;
+    const int64_t e = m->n_embd, V = m->n_vocab, r0 = it * HEAD_CHUNK;
+    const int64_t nr = V - r0 < HEAD_CHUNK ? V - r0 : HEAD_CHUNK;
     if (m->lm_head == TERN_LM_HEAD_INT8) {
         const int8_t *w = m->head_q + r0 * e;
         if (nt == 1)
@@ -294,14 +338,10 @@ static void head_item(const job *j, thread_scratch *ts, int64_t r0, int64_t nr, 
 static void head_job(const job *j, thread_scratch *ts, bool tr)
 {
     const tern_model *m = j->s->m;
-    const int32_t t0 = j->all ? 0 : j->n - 1, phase = m->n_layer * 5;
-    norm_quant(j, ts, j->s->x, m->n_embd, m->output_norm, m->n_embd, t0);
+    const int32_t t0 = j->all ? 0 : j->n - 1;
+    input_phase(j, ts, (phase_input){j->s->x, m->n_embd, m->output_norm, m->n_embd, t0});
+    run_phase(j, ts, (m->n_vocab + HEAD_CHUNK - 1) / HEAD_CHUNK, true, head_item, &t0);
     if (tr) trace(j, "output_norm", -1, ts->in_f, j->n - t0, m->n_embd);
-    const int64_t items = (m->n_vocab + HEAD_CHUNK - 1) / HEAD_CHUNK;
-    for (int64_t it = take(j->s, phase); it < items; it = take(j->s, phase)) {
-        const int64_t r0 = it * HEAD_CHUNK;
-        head_item(j, ts, r0, m->n_vocab - r0 < HEAD_CHUNK ? m->n_vocab - r0 : HEAD_CHUNK, t0);
-    }
 }
 
 static void chunk_job(void *ctx, int ith, int nth)
@@ -310,6 +350,7 @@ static void chunk_job(void *ctx, int ith, int nth)
     thread_scratch *ts = &j->s->ts[ith];
     ts->ith = ith;
     ts->nth = nth;
+    ts->phase = 0;
     const bool tr = ith == 0 && j->s->trace;
     for (int32_t l = 0; l < j->s->m->n_layer; l++)
         layer_job(j, ts, l, tr);
@@ -327,7 +368,7 @@ void tern_forward_chunk(tern_session *s, const int32_t *tokens, int32_t n, float
         tern_rope_table(s->n_past + t, m->head_dim, (double)m->rope_theta, s->rope_cos + t * half,
                         s->rope_sin + t * half);
     }
-    for (int32_t p = 0; p < s->n_phases; p++)
+    for (int32_t p = 0; p < 2 * s->n_phases; p++)
         atomic_store_explicit(&s->work[p], 0, memory_order_relaxed);
     job j = {s, n, s->n_past, logits, all};
     tern_pool_run(s->pool, chunk_job, &j);

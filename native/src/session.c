@@ -102,8 +102,8 @@ static int32_t alloc_shared(tern_session *s)
     s->xf = zalloc(T * (size_t)s->width * sizeof(float), &total);
     s->rope_cos = zalloc(T * (size_t)m->head_dim / 2 * sizeof(float), &total);
     s->rope_sin = zalloc(T * (size_t)m->head_dim / 2 * sizeof(float), &total);
-    s->n_phases = m->n_layer * 5 + 1;
-    s->work = zalloc((size_t)s->n_phases * sizeof(*s->work), &total);
+    s->n_phases = m->n_layer * 9 + 2; /* per layer 5, plus 4 input phases for prompt chunks */
+    s->work = zalloc(2 * (size_t)s->n_phases * sizeof(*s->work), &total);
     if (!s->k_cache || !s->v_cache || !s->x || !s->qkv || !s->att || !s->ffn || !s->rope_cos ||
         !s->rope_sin || !s->work || !s->xq || !s->xs || !s->xf)
         return tern_fail(TERN_ERR_NOMEM, "session: cannot allocate the KV cache and scratch "

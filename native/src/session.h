@@ -11,6 +11,15 @@
 #define ROW_CHUNK 64   /* rows per work item of wo / gate+up / down */
 #define HEAD_CHUNK 256 /* LM-head rows per work item */
 
+/* A phase's input: rows t0..n-1 of `in` (stride ld), RMS-normalized with w, then quantized. */
+typedef struct phase_input {
+    const float *in;
+    int64_t ld;
+    const float *w;
+    int64_t width;
+    int32_t t0;
+} phase_input;
+
 typedef struct thread_scratch {
     int8_t *xq;      /* TERN_CHUNK x max(n_embd, n_ff): quantized input of the phase */
     float *xs;       /* TERN_CHUNK activation scales */
@@ -25,6 +34,9 @@ typedef struct thread_scratch {
     const int8_t *in_q;
     const float *in_s, *in_f;
     int ith, nth;
+    int32_t phase;   /* phase.h: this thread's position in the chunk's phase sequence */
+    phase_input pending; /* one token: quantized privately when its consuming phase opens */
+    bool has_pending;
 } thread_scratch;
 
 struct tern_session {
@@ -43,7 +55,7 @@ struct tern_session {
     float *xs;       /* TERN_CHUNK: its activation scales */
     float *xf;       /* TERN_CHUNK x width: its normalized floats */
     float *rope_cos, *rope_sin; /* TERN_CHUNK x head_dim/2 */
-    _Atomic int64_t *work;      /* next work item, one counter per phase */
+    _Atomic int64_t *work;      /* phase.h: (next item, items done) per phase */
     int32_t n_phases;
     tern_pool *pool;
     thread_scratch *ts;

@@ -51,6 +51,16 @@ static void wait_phase(_Atomic uint64_t *v, uint64_t seen)
     }
 }
 
+void tern_wait_at_least(_Atomic int64_t *v, int64_t target)
+{
+    for (int i = 0; atomic_load_explicit(v, memory_order_acquire) < target; i++) {
+        if (i < SPINS_BEFORE_YIELD)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
 void tern_pool_barrier(tern_pool *p)
 {
     if (p->nth == 1)

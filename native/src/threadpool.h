@@ -4,6 +4,7 @@
 #ifndef TERN_THREADPOOL_H
 #define TERN_THREADPOOL_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 typedef struct tern_pool tern_pool;
@@ -16,6 +17,9 @@ int tern_pool_size(const tern_pool *pool);
 
 /* Runs fn(ctx, ith, nth) on every thread; returns when all have finished. */
 void tern_pool_run(tern_pool *pool, tern_job_fn fn, void *ctx);
+
+/* Spin briefly, then yield, until *v >= target (acquire). */
+void tern_wait_at_least(_Atomic int64_t *v, int64_t target);
 
 /* Inside a job: wait until every thread of the pool has arrived. */
 void tern_pool_barrier(tern_pool *pool);
