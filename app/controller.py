@@ -14,7 +14,7 @@ from PySide6.QtCore import QObject, Signal
 
 import app.qt_compat  # noqa: F401  (PySide6 6.12 emit() reference fix; before any emit)
 from app.settings import AppSettings
-from app.store import Conversation, Store, StoredMessage
+from app.store import Conversation, Store, StoredMessage, StoreError
 from app.worker import EngineHost
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ChatController(QObject):
         self._reply_tokens = 0
         self._reply_started = 0.0
         self._last_save = 0.0
+        self._save_failed = False
         w = host.worker
         w.tokens.connect(self._on_tokens)
         w.finished.connect(self._on_finished)
@@ -132,10 +133,13 @@ class ChatController(QObject):
             first_line = text.splitlines()[0]
             title = first_line if len(first_line) <= TITLE_CHARS else first_line[:TITLE_CHARS - 1] + "…"
             self.rename(self.conversation.id, title)
-        self.messages.append(self.store.add_message(self.conversation.id, "user", text))
+        try:
+            self.messages.append(self.store.add_message(self.conversation.id, "user", text))
+        except StoreError as exc:
+            self.error.emit(f"Your message could not be saved, so it was not sent. {exc}")
+            return False
         self.message_added.emit(self.messages[-1])
-        self._start_reply()
-        return True
+        return self._start_reply()
 
     def stop(self) -> None:
         if self.busy:
@@ -150,8 +154,7 @@ class ChatController(QObject):
         if not self.messages or self.messages[-1].role != "user":
             return False
         self.conversation_opened.emit(self.conversation, list(self.messages))
-        self._start_reply()
-        return True
+        return self._start_reply()
 
     def resend_from(self, position: int, text: str) -> bool:
         """Replace the user message at `position` with `text`, drop everything after it, and
@@ -163,8 +166,7 @@ class ChatController(QObject):
         self._truncate(position)
         self.messages.append(self.store.add_message(self.conversation.id, "user", text.strip()))
         self.conversation_opened.emit(self.conversation, list(self.messages))
-        self._start_reply()
-        return True
+        return self._start_reply()
 
     def later_messages(self, position: int) -> int:
         return max(0, len(self.messages) - position - 1)
@@ -178,15 +180,21 @@ class ChatController(QObject):
         are left out; partial ones (stopped, interrupted) are kept as they were shown."""
         return [(m.role, m.content) for m in self.messages if m.content.strip()]
 
-    def _start_reply(self) -> None:
+    def _start_reply(self) -> bool:
         s = self.settings
-        self._reply = self.store.add_message(self.conversation.id, "assistant", "", status="streaming")
+        try:
+            self._reply = self.store.add_message(self.conversation.id, "assistant", "", status="streaming")
+        except StoreError as exc:
+            self.error.emit(f"The reply could not be started: {exc}")
+            return False
+        self._save_failed = False
         self._reply_text, self._reply_tokens = "", 0
         self._reply_started = self._last_save = time.monotonic()
         self._request = self.host.generate(self._history(), self.conversation.system_prompt,
                                            s.sampler_params(), s.max_tokens)
         self.reply_started.emit(self._reply)
         self.busy_changed.emit(True)
+        return True
 
     # -- answers from the worker --------------------------------------------------------------
 
@@ -200,8 +208,13 @@ class ChatController(QObject):
         if now - self._reply_started > 0.2:
             self.speed_changed.emit(self._reply_tokens / (now - self._reply_started))
         if now - self._last_save >= STREAM_SAVE_INTERVAL_S:
-            self.store.update_message(self._reply.id, self._reply_text)
             self._last_save = now
+            try:
+                self.store.update_message(self._reply.id, self._reply_text)
+            except StoreError as exc:
+                if not self._save_failed:     # say it once per reply; the text stays on screen
+                    self._save_failed = True
+                    self.error.emit(f"The reply is not being saved: {exc}")
 
     def _on_finished(self, request_id: int, stats: dict) -> None:
         if request_id != self._request:
@@ -232,12 +245,17 @@ class ChatController(QObject):
 
     def _complete_reply(self, text: str, status: str, stats: dict) -> None:
         reply, self._reply, self._request = self._reply, None, 0
+        try:
+            if not text.strip() and status != "complete":
+                # Stopped before the first token: nothing worth keeping.
+                self.store.truncate_messages(reply.conversation_id, reply.position)
+            else:
+                self.store.update_message(reply.id, text, status, stats)
+        except StoreError as exc:
+            self.error.emit(f"The reply could not be saved: {exc}")
         if not text.strip() and status != "complete":
-            # Stopped before the first token: nothing worth keeping.
-            self.store.truncate_messages(reply.conversation_id, reply.position)
             final = StoredMessage(reply.id, reply.conversation_id, reply.position, "assistant", "", status, stats)
         else:
-            self.store.update_message(reply.id, text, status, stats)
             final = StoredMessage(reply.id, reply.conversation_id, reply.position, "assistant", text, status, stats)
             if self.conversation and reply.conversation_id == self.conversation.id:
                 self.messages.append(final)
@@ -249,7 +267,10 @@ class ChatController(QObject):
         """The window closes: keep a reply being streamed as 'stopped' (not 'interrupted'), then
         end the engine thread."""
         if self._reply is not None:
-            self.store.update_message(self._reply.id, self._reply_text, "stopped")
+            try:
+                self.store.update_message(self._reply.id, self._reply_text, "stopped")
+            except StoreError:
+                log.exception("could not save the reply being streamed at shutdown")
             self._reply, self._request = None, 0
         self.host.shutdown()
 

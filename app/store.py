@@ -92,14 +92,19 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 @contextmanager
 def transaction(db: sqlite3.Connection):
-    """One explicit transaction (the connection is in autocommit mode, so DDL is covered too)."""
-    db.execute("BEGIN IMMEDIATE")
+    """One explicit transaction (the connection is in autocommit mode, so DDL is covered too).
+    A database error (read-only, disk full, locked) becomes a StoreError; nothing half-written
+    stays."""
     try:
+        db.execute("BEGIN IMMEDIATE")
         yield db
-    except BaseException:
-        db.execute("ROLLBACK")
+        db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"the conversation database cannot be written: {exc}") from exc
         raise
-    db.execute("COMMIT")
 
 
 def schema_version(db: sqlite3.Connection) -> int:

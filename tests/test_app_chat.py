@@ -295,3 +295,19 @@ def test_the_engine_runs_only_on_the_worker_thread(qtbot, tern_app, bitnet_path)
     app.send(qtbot, "which thread?")
     assert threads and threading.main_thread().ident not in threads
     assert len(threads) == 1
+
+
+def test_a_database_that_cannot_be_written_is_reported_and_nothing_is_lost(qtbot, tern_app, bitnet_path):
+    app = tern_app
+    app.load(qtbot, bitnet_path)
+    app.send(qtbot, "saved fine")
+    cid = app.controller.conversation.id
+    app.store._db.execute("PRAGMA query_only = ON")          # SQLite now refuses every write
+    assert not app.controller.send("this cannot be saved")
+    errors = [w.text() for w in app.window.chat.findChildren(type(app.window.status_model))
+              if w.objectName() == "errorNotice"]
+    assert errors and "could not be saved" in errors[-1] and "readonly" in errors[-1]
+    assert not app.controller.busy and app.window.composer.send_button.isVisible()
+    app.store._db.execute("PRAGMA query_only = OFF")
+    assert [m.content for m in app.store.messages(cid)][:1] == ["saved fine"]
+    assert app.send(qtbot, "works again").status == "complete"
