@@ -128,3 +128,16 @@ def test_bad_import_is_refused_and_writes_nothing(store, bad):
     with pytest.raises(StoreError):
         store.import_json(bad)
     assert store.conversations() == []
+
+
+def test_write_failures_are_store_errors_and_roll_back(store):
+    conv = store.create_conversation("x")
+    store.add_message(conv.id, "user", "kept")
+    store._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(StoreError, match="cannot be written"):
+        store.add_message(conv.id, "assistant", "lost?")
+    with pytest.raises(StoreError):
+        store.save_settings({"theme": "dark"})
+    store._db.execute("PRAGMA query_only = OFF")
+    assert [m.content for m in store.messages(conv.id)] == ["kept"]
+    assert not store._db.in_transaction
