@@ -35,8 +35,10 @@ static bool quantize_row(const float *row, int64_t cols, int8_t *q, float *scale
     const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
     const float magic = 12582912.0f; /* |row / scale| <= 127: rounds half to even (ops.c) */
     for (int64_t k = 0; k < cols; k++) {
-        const float v = (row[k] * inv + magic) - magic;
-        q[k] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
+        float v = (row[k] * inv + magic) - magic;
+        /* NaN fails both tests (converting it to int is undefined); its row is refused */
+        v = v >= -127.0f ? v : -127.0f;
+        q[k] = (int8_t)(v <= 127.0f ? v : 127.0f);
     }
     *scale_out = scale;
     return !bad;
