@@ -1,6 +1,6 @@
 /* tern_fuzz_model: turns arbitrary bytes into tern_model_create parameters (small hparams,
  * tensor descriptors with fuzzed types, offsets, sizes and shapes, pointing into a copy of the
- * input as the "file") and, when the model loads, runs a short forward pass. The libFuzzer
+ * input as the "file") and, when the model loads, runs a 3-token prompt and one decode step. The libFuzzer
  * target (fuzz/fuzz_model.c) calls it; the tests replay the kept corpus through it. */
 #include <stdlib.h>
 #include <string.h>
@@ -103,6 +103,8 @@ int32_t tern_fuzz_model(const uint8_t *data, size_t size)
             const int32_t tokens[3] = {0, p.n_vocab - 1, p.n_vocab / 2};
             float *logits = malloc(sizeof(float) * 3 * (size_t)p.n_vocab);
             st = logits ? tern_forward(s, tokens, 3, logits, 1) : TERN_ERR_NOMEM;
+            if (st == TERN_OK) /* and one decode step: the single-token path */
+                st = tern_forward(s, tokens + 1, 1, logits, 0);
             free(logits);
             tern_session_free(s);
         }
