@@ -141,8 +141,8 @@ TERN_API int32_t tern_kernel_test(const char *variant, int32_t op, const void *w
                                   int32_t *y, int64_t r0, int64_t r1);
 
 /* Fuzzing entry (src/fuzz_entry.c): decodes arbitrary bytes into tern_model_create parameters
- * over a copy of the bytes, loads, and runs a 3-token prompt and one decode step; returns the first non-OK
- * status. Used by the libFuzzer target and by the tests replaying its corpus. */
+ * over a copy of the bytes, loads, and runs a 3-token prompt and one decode step; returns the
+ * first non-OK status. Used by the libFuzzer target and by the tests replaying its corpus. */
 TERN_API int32_t tern_fuzz_model(const uint8_t *data, size_t size);
 
 /* ---- Memory read-bandwidth probe (native/src/bwprobe.c, helper H4b) --------------------
