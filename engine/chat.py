@@ -504,6 +504,35 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+# Formats for GGUFs that carry no template, recognised by the turn tokens their vocabulary
+# defines (the Gemma 3 270M GGUF on PyPI has none; without this it would get BitNet's roles and
+# echo "User:"/"Assistant:"). Gemma has no system role: the system prompt opens the first user turn.
+FALLBACK_TEMPLATES = (
+    ("<start_of_turn>",
+     "{{ bos_token }}{% set sys = namespace(text='') %}"
+     "{% for m in messages %}{% if m.role == 'system' %}{% set sys.text = m.content + '\\n\\n' %}"
+     "{% else %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+     "{% if m.role == 'user' %}{{ sys.text }}{% set sys.text = '' %}{% endif %}"
+     "{{ m.content }}<end_of_turn>\n{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"),
+    ("<|start_header_id|>",
+     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+     "{{ m.content }}<|eot_id|>{% endfor %}"
+     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    ("<|im_start|>",
+     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+)
+
+
+def fallback_template(special_tokens) -> str | None:
+    """The template of the first known turn format whose opening token the vocabulary has."""
+    for token, template in FALLBACK_TEMPLATES:
+        if token in special_tokens:
+            return template
+    return None
+
+
 def chat_format_for(metadata: dict, tokenizer: Tokenizer) -> ChatFormat:
     """BitNet architectures always get the 2B4T format (their stored template is bitnet.cpp's
     placeholder); other files use their own template, or the 2B4T-style role format without one."""
@@ -513,7 +542,10 @@ def chat_format_for(metadata: dict, tokenizer: Tokenizer) -> ChatFormat:
         log.info("architecture %s: 2B4T chat format (the file's own template is not used)", arch)
         return BitNetChatFormat(tokenizer)
     if not isinstance(template, str) or not template.strip():
-        log.warning("%s file without a chat template: using the 2B4T-style role format", arch)
-        return BitNetChatFormat(tokenizer)
+        template = fallback_template(tokenizer.special_tokens)
+        if template is None:
+            log.warning("%s file without a chat template: using the 2B4T-style role format", arch)
+            return BitNetChatFormat(tokenizer)
+        log.warning("%s file without a chat template: using the format its special tokens name", arch)
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", getattr(tokenizer, "add_bos", False)))
     return TemplateChatFormat(tokenizer, template, add_bos=add_bos)

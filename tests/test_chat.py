@@ -367,3 +367,40 @@ def test_tracer_is_restored():
     with pytest.raises(TemplateError):
         render_template(LOOPS[0], [], time_budget_s=0.05)
     assert sys.gettrace() is before
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUFs without a template: the turn format their special tokens name
+# ---------------------------------------------------------------------------------------------
+
+def _byte_vocab_with(specials: list[str], arch: str) -> tuple[dict, Tokenizer]:
+    md = gguf_metadata_byte_vocab()
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], *specials]
+    md["tokenizer.ggml.token_type"] = [*md["tokenizer.ggml.token_type"], *[3] * len(specials)]
+    md["tokenizer.ggml.scores"] = [*md["tokenizer.ggml.scores"], *[-1000.0] * len(specials)]
+    md.pop("tokenizer.chat_template")
+    md["general.architecture"] = arch
+    return md, Tokenizer.from_gguf_metadata(md)
+
+
+def test_gemma_vocabulary_without_template_gets_gemma_turns():
+    md, t = _byte_vocab_with(["<start_of_turn>", "<end_of_turn>"], "gemma3")
+    fmt = chat_format_for(md, t)
+    assert isinstance(fmt, TemplateChatFormat)
+    text = fmt.render_text([Msg("user", "Hi"), Msg("assistant", "Hello"), Msg("user", "Bye")], system="Be brief.")
+    assert text == ("<|begin_of_text|><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                    "<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+    ids = fmt.render([Msg("user", "Hi")]).ids
+    assert t.special_tokens["<start_of_turn>"] in ids and "User:" not in t.decode(ids)
+
+
+def test_chatml_vocabulary_without_template_gets_chatml():
+    md, t = _byte_vocab_with(["<|im_start|>", "<|im_end|>"], "qwen2")
+    text = chat_format_for(md, t).render_text([Msg("user", "Hi")], system="S")
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_unknown_vocabulary_without_template_falls_back_to_role_format():
+    md, t = _byte_vocab_with([], "llama")
+    assert isinstance(chat_format_for(md, t), BitNetChatFormat)
