@@ -93,6 +93,8 @@ struct fused_gemv {
     const float *scale;      /* per row */
     float *out;              /* rows floats */
     int epi;                 /* EPI_STORE or EPI_ADD */
+    const int8_t *xq;        /* the quantized input (norm_quant_kernel), or NULL: normalize x */
+    const act_meta *meta;
     const float *x;          /* the input row: width floats */
     const float *norm_w;
     float eps;

@@ -1,11 +1,13 @@
-/* The decode GEMV with its input normalization fused in (and, for q|k|v, RoPE and the KV-cache
- * store): one kernel per BitLinear instead of norm+quant, GEMV and RoPE kernels.
+/* The decode GEMV with its neighbours fused in: for q|k|v each warp takes the row pair
+ * (i, i + head_dim/2) of one head, so the epilogue rotates it (RoPE) and stores k and v in the
+ * cache; for gate|up it takes gate rows and their up rows and writes act(gate) * up.
  *
  * Every block first loads its weight rows (they do not depend on earlier kernels: with
- * programmatic dependent launch these loads overlap the previous kernel), then normalizes and
- * quantizes the whole input row into shared memory -- each block computes the same values in
- * the same order -- and then runs the dp4a dot products of gemv.cu. For q|k|v each warp takes the
- * row pair (i, i + head_dim/2) of one head, so the epilogue can rotate it and store k and v. */
+ * programmatic dependent launch these loads overlap the previous kernel). Its int8 input comes
+ * from norm_quant_kernel (fused_gemv.xq set: the default), or -- TERN_CUDA_FUSED=1 -- each block
+ * normalizes and quantizes the float input row itself into shared memory (every block computes
+ * the same values in the same order): one kernel less per BitLinear, but measured slower on an
+ * H100 (540 vs 569 tokens/s), since every block pays the normalization's latency. */
 #include "common.cuh"
 
 namespace {
@@ -114,8 +116,8 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
     return 2 * unit + r;
 }
 
-template <int NCH, int MODE>
-__global__ void __launch_bounds__(kThreads, 4) gemv_t2_fused_kernel(const fused_gemv a)
+template <int NCH, int MODE, bool NORM>
+__global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 2 : 4) gemv_t2_fused_kernel(const fused_gemv a)
 {
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -142,16 +144,24 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_t2_fused_kernel(const fused_
             if (valid[r] && ch < a.nchunks)
                 wv[r][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + row[r] * rbytes + ch * 16));
         }
-    const int nvec = a.width / 4;
-    for (int i = threadIdx.x; i < nvec; i += kThreads)
-        cp_async16(ws + 4 * i, a.norm_w + 4 * i);
-    grid_wait();
-    for (int i = threadIdx.x; i < nvec; i += kThreads)
-        cp_async16(xs + 4 * i, a.x + 4 * i);
-    cp_async_wait_all();
-    __syncthreads();
     int sum;
-    const float s = norm_quant_block(a, xs, ws, qs, &sum);
+    float s;
+    if (NORM) {
+        const int nvec = a.width / 4;
+        for (int i = threadIdx.x; i < nvec; i += kThreads)
+            cp_async16(ws + 4 * i, a.norm_w + 4 * i);
+        grid_wait();
+        for (int i = threadIdx.x; i < nvec; i += kThreads)
+            cp_async16(xs + 4 * i, a.x + 4 * i);
+        cp_async_wait_all();
+        __syncthreads();
+        s = norm_quant_block(a, xs, ws, qs, &sum);
+    } else { /* quantized by norm_quant_kernel */
+        grid_wait();
+        qs = const_cast<int8_t *>(a.xq);
+        s = a.meta->s;
+        sum = a.meta->sum;
+    }
     if (!valid[0])
         return;
     int32_t acc[R];
@@ -225,13 +235,13 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_t2_fused_kernel(const fused_
     }
 }
 
-template <int MODE>
+template <int MODE, bool NORM>
 cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv &a)
 {
     static bool raised[5] = {};
-    void (*k)(fused_gemv) = per == 1 ? gemv_t2_fused_kernel<1, MODE> : per == 2 ? gemv_t2_fused_kernel<2, MODE>
-                          : per == 3 ? gemv_t2_fused_kernel<3, MODE> : gemv_t2_fused_kernel<4, MODE>;
-    if (!raised[per]) { /* more than 48 KB of shared memory needs an opt-in per kernel */
+    void (*k)(fused_gemv) = per == 1 ? gemv_t2_fused_kernel<1, MODE, NORM> : per == 2 ? gemv_t2_fused_kernel<2, MODE, NORM>
+                          : per == 3 ? gemv_t2_fused_kernel<3, MODE, NORM> : gemv_t2_fused_kernel<4, MODE, NORM>;
+    if (NORM && !raised[per]) { /* more than 48 KB of shared memory needs an opt-in per kernel */
         const cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 9 * 8192);
         if (err != cudaSuccess)
             return err;
@@ -256,16 +266,22 @@ int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = (unsigned)((units + kWarps - 1) / kWarps);
     cfg.blockDim = kThreads;
-    cfg.dynamicSmemBytes = (size_t)a.width * 9;
+    cfg.dynamicSmemBytes = a.xq ? 0 : (size_t)a.width * 9;
     cfg.stream = st;
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr;
     cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
-    const cudaError_t err = mode == MODE_ROPE ? launch_mode<MODE_ROPE>(cfg, per, a)
-                          : mode == MODE_GLU  ? launch_mode<MODE_GLU>(cfg, per, a)
-                                              : launch_mode<MODE_PLAIN>(cfg, per, a);
+    cudaError_t err;
+    if (a.xq)
+        err = mode == MODE_ROPE ? launch_mode<MODE_ROPE, false>(cfg, per, a)
+            : mode == MODE_GLU  ? launch_mode<MODE_GLU, false>(cfg, per, a)
+                                : launch_mode<MODE_PLAIN, false>(cfg, per, a);
+    else
+        err = mode == MODE_ROPE ? launch_mode<MODE_ROPE, true>(cfg, per, a)
+            : mode == MODE_GLU  ? launch_mode<MODE_GLU, true>(cfg, per, a)
+                                : launch_mode<MODE_PLAIN, true>(cfg, per, a);
     if (err != cudaSuccess)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching fused gemv: %s", cudaGetErrorString(err));
     return TERN_OK;

@@ -8,7 +8,8 @@
 #include "host_view.h"
 
 #define TERN_CUDA_CHUNK 256   /* tokens per prefill chunk (scratch is sized for it) */
-#define TERN_CUDA_MAX_SPLIT 64 /* decode attention splits */
+#define TERN_CUDA_MAX_SPLIT 64    /* attention splits at most (partials buffer, merge) */
+#define TERN_CUDA_DECODE_SPLIT 32 /* attention splits of a decode step */
 
 enum head_kind { HEAD_I8 = 0, HEAD_F16 = 1, HEAD_F32 = 2 };
 

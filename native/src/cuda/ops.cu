@@ -135,6 +135,7 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
 }
 
 constexpr int kMaxGroup = 16; /* q heads per KV head */
+constexpr int kBatch = 8;     /* positions per warp step: their loads are in flight together */
 
 template <int D>
 __device__ __forceinline__ void load_kv(const float *p, float (&f)[D])
@@ -163,7 +164,7 @@ __device__ __forceinline__ void load_kv(const __half *p, float (&f)[D])
 
 /* grid (n_head_kv, n, n_split), one warp per q head of the KV group (they read the same K/V
  * rows, so the group shares them through L1): split sp of the positions of query t, an online
- * softmax 4 positions at a time (lane owns D = head_dim/32 dims). Each warp writes (max, sum,
+ * softmax kBatch positions at a time (lane owns D = head_dim/32 dims). Each warp writes (max, sum,
  * out[head_dim]) unnormalized to partial; the last block of (t, group) to finish (an atomic
  * counter, reset by it) merges the splits into out. */
 template <int D, typename KV>
@@ -192,16 +193,16 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     float m = -INFINITY, l = 0.0f;
     const KV *kb = k_cache + (int64_t)grp * HD + lane * D;
     const KV *vb = v_cache + (int64_t)grp * HD + lane * D;
-    for (int p = p0; p < p1; p += 4) {
-        float kf[4][D], vf[4][D], sc[4];
+    for (int p = p0; p < p1; p += kBatch) {
+        float kf[kBatch][D], vf[kBatch][D], sc[kBatch];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < kBatch; j++) {
             const int pj = p + j < p1 ? p + j : p;
             load_kv<D>(kb + (int64_t)pj * kv_dim, kf[j]);
             load_kv<D>(vb + (int64_t)pj * kv_dim, vf[j]);
         }
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < kBatch; j++) {
             float dot = 0.0f;
 #pragma unroll
             for (int i = 0; i < D; i++)
@@ -211,11 +212,11 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1)
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < kBatch; j++)
                 sc[j] += __shfl_xor_sync(0xffffffffu, sc[j], off);
         float mn = m;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < kBatch; j++) {
             sc[j] = p + j < p1 ? sc[j] * scale : -INFINITY;
             mn = fmaxf(mn, sc[j]);
         }
@@ -225,7 +226,7 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         for (int i = 0; i < D; i++)
             o[i] *= corr;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < kBatch; j++) {
             const float pe = expf(sc[j] - mn);
             l += pe;
 #pragma unroll

@@ -21,17 +21,19 @@ int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, i
             return st_;             \
     } while (0)
 
-/* One decode step of a layer: 5 kernels (GEMVs with the norm fused in, attention). */
-/* TERN_CUDA_FUSED=0: decode through the prefill kernels (separate norm, GEMV, RoPE). */
-static bool fused_decode(void)
+/* TERN_CUDA_FUSED=1: every decode GEMV normalizes its own input (no norm_quant kernels). */
+static bool fused_norm(void)
 {
     static const bool on = [] {
         const char *env = getenv("TERN_CUDA_FUSED");
-        return !(env && env[0] == '0');
+        return env && env[0] == '1';
     }();
     return on;
 }
 
+/* One decode step of a layer: norm+quant, q|k|v with RoPE and the KV store, attention,
+ * norm+quant, wo, norm+quant, gate|up with the GLU, norm+quant, down (without the norm kernels
+ * under TERN_CUDA_FUSED=1). */
 static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
 {
     const tern_cuda_model *m = s->m;
@@ -39,7 +41,7 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     const cuda_layer *L = &m->layers[l];
     const int64_t e = h->n_embd, ff = h->n_ff;
     const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
-    const bool f32 = s->kv_type == TERN_KV_F32;
+    const bool f32 = s->kv_type == TERN_KV_F32, fused = fused_norm();
     cudaStream_t st = s->stream;
     fused_gemv a = {};
     a.eps = h->rms_eps;
@@ -48,30 +50,31 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     a.n_head = h->n_head;
     a.n_head_kv = h->n_head_kv;
     a.kv_f32 = f32;
-    auto set = [&](const dmat &w, const float *x, const float *norm, int width, float *out, int epi) {
+    auto gemv = [&](const dmat &w, const float *x, const float *norm, int width, float *out, int epi) {
         a.w = w.w; a.rows = w.rows; a.nchunks = (int32_t)(w.cols / 64); a.scale = w.scale;
         a.x = x; a.norm_w = norm; a.width = width; a.out = out; a.epi = epi;
+        a.xq = fused ? NULL : s->xq;
+        a.meta = fused ? NULL : s->meta;
+        if (!fused)
+            TRY(launch_norm_quant(x, width, norm, width, h->rms_eps, 1, false, a.relu2, s->xq, s->meta, NULL, st));
+        return launch_gemv_t2_fused(a, st);
     };
-    set(L->qkv, s->x, L->attn_norm, (int)e, s->qkv, EPI_STORE);
     a.rope = 1;
     a.rope_cos = s->rope_cos;
     a.rope_sin = s->rope_sin;
     a.pos = s->pos;
     a.k_cache = s->k_cache + cache_at;
     a.v_cache = s->v_cache + cache_at;
-    TRY(launch_gemv_t2_fused(a, st));
+    TRY(gemv(L->qkv, s->x, L->attn_norm, (int)e, s->qkv, EPI_STORE));
     a.rope = 0;
     TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                         s->v_cache + cache_at, f32, s->pos, TERN_CUDA_MAX_SPLIT, s->partial, s->counters, s->att, st));
-    set(L->wo, s->att, L->attn_sub_norm, (int)e, s->x, EPI_ADD);
-    TRY(launch_gemv_t2_fused(a, st));
-    set(L->gate_up, s->x, L->ffn_norm, (int)e, s->h, EPI_STORE);
-    a.glu = 1;  /* the epilogue writes act(gate) * up: n_ff floats */
-    TRY(launch_gemv_t2_fused(a, st));
+                         s->v_cache + cache_at, f32, s->pos, TERN_CUDA_DECODE_SPLIT, s->partial, s->counters,
+                         s->att, st));
+    TRY(gemv(L->wo, s->att, L->attn_sub_norm, (int)e, s->x, EPI_ADD));
+    a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
+    TRY(gemv(L->gate_up, s->x, L->ffn_norm, (int)e, s->h, EPI_STORE));
     a.glu = 0;
-    set(L->down, s->h, L->ffn_sub_norm, (int)ff, s->x, EPI_ADD);
-    TRY(launch_gemv_t2_fused(a, st));
-    return TERN_OK;
+    return gemv(L->down, s->h, L->ffn_sub_norm, (int)ff, s->x, EPI_ADD);
 }
 
 static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
@@ -105,7 +108,7 @@ int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32
     const tern_cuda_model *m = s->m;
     const hv_model *h = &m->hv;
     for (int32_t l = 0; l < h->n_layer; l++)
-        TRY(n == 1 && fused_decode() ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
+        TRY(n == 1 ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
     if (!want_logits)
         return TERN_OK;
     const int64_t e = h->n_embd;
