@@ -103,12 +103,13 @@ def decode_input(data: bytes, bases: list[tuple[bytes, int]]) -> bytes:
 
 def exercise(path: Path) -> str:
     """Everything a user's file goes through before chatting: header inspection, the reader,
-    load_model, the native model and one forward step. Returns how far it got; raises
+    load_model, its tokenizer, the native model and one forward step. Returns how far it got; raises
     whatever is not a TernError."""
     from engine import native
     from engine.errors import TernError
     from engine.gguf_file import GGUFFile
     from engine.model import inspect_gguf, load_model
+    from engine.tokenizer import Tokenizer
 
     try:
         inspect_gguf(path)
@@ -125,6 +126,7 @@ def exercise(path: Path) -> str:
     except TernError:
         return "load error"
     try:
+        Tokenizer.from_gguf_metadata(model.tokenizer_metadata, path).encode("Tern, 1.58 bits")
         model.token_embd.rows([0])
         model.layers[0].wq.codes()
         with native.NativeModel(model, "f16") as nm, native.NativeSession(nm, n_ctx=4) as session:
@@ -184,6 +186,7 @@ def main(argv: list[str]) -> None:
         import engine.model  # noqa: F401
         import engine.native  # noqa: F401
         import engine.quants  # noqa: F401
+        import engine.tokenizer  # noqa: F401
     bases = load_bases(work)
     target = work / "input.bin"
 
