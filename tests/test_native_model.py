@@ -151,6 +151,18 @@ def test_threads_and_chunking_do_not_change_results(byte_model):
         assert one.n_past == 300 and two.n_past == 20
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "int8"])
+def test_decode_steps_match_one_prompt_call(byte_model, kv_type):
+    """Token by token (the decode attention path) against one call (the prompt path)."""
+    ids = teacher_ids(259, 40)
+    with native.NativeDecoder(load_model(byte_model("tq2_0")), n_ctx=48, threads=2, lm_head="f16",
+                              kv_type=kv_type) as dec:
+        whole = dec.forward(ids, all_logits=True)
+        dec.truncate(0)
+        steps = np.stack([dec.forward([i]) for i in ids])
+        _close(steps, whole, f"{kv_type} cache, steps vs one call", 1e-4)
+
+
 def test_truncate_and_copy_reuse_the_cache(byte_model):
     path = byte_model("tq2_0")
     ids = teacher_ids(259, 50)
