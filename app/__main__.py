@@ -1,6 +1,7 @@
 """`python -m app` (and the `tern` command): open the window.
 
-    python -m app [--model F] [--theme light|dark]
+    python -m app [FILE.gguf] [--model F] [--theme light|dark]
+    python -m app --self-test [--json]      (the bundle: Tern --self-test)
     python -m app --screenshot OUT.png --model F --message TEXT [--theme light|dark]
         opens the window, sends TEXT, waits for the whole reply, saves a screenshot, exits
         (works under Xvfb or QT_QPA_PLATFORM=offscreen).
@@ -18,7 +19,11 @@ log = logging.getLogger("app")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tern", description="Tern: offline chat with ternary language models")
+    parser.add_argument("file", nargs="?", help="a .gguf file to open (what a double-click on one passes)")
     parser.add_argument("--model", help="a .gguf model to load at start")
+    parser.add_argument("--self-test", action="store_true",
+                        help="check the kernels and a tiny model on this CPU (no screen, no network), then exit")
+    parser.add_argument("--json", action="store_true", help="with --self-test: one JSON object")
     parser.add_argument("--theme", choices=("system", "light", "dark"), help="override the theme setting")
     parser.add_argument("--message", action="append", default=[],
                         help="send this message once the model is loaded (repeat for several turns)")
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.self_test:
+        from engine.cli import main as engine_main
+        return engine_main(["selftest", *(["--json"] if args.json else [])])
     from PySide6.QtWidgets import QApplication, QMessageBox
 
     from app.controller import ChatController
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             controller.load_model(model)
         else:
             window.load_default_model = True
+        if args.file:
+            controller.inspect(str(Path(args.file).resolve()))
     code = app.exec()
     store.close()
     return script.exit_code if script is not None else code

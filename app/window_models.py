@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from PySide6.QtWidgets import QFileDialog
+from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from app.model_intake import IntakeDialog, human_size
 
@@ -106,6 +106,8 @@ class WindowModelsMixin:
         self.status_model.setText(info["name"])
         kernel = f" · {info['kernel']}" if info.get("kernel") else ""
         self.status_backend.setText(f"{info['backend']}{kernel}")
+        if info.get("notice"):
+            QMessageBox.warning(self, "Tern is using its safe kernels", info["notice"])
         self.controller.host.list_models()
         self._fill_model_picker()
 

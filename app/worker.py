@@ -40,6 +40,18 @@ def _default_opener(path: str, backend: str = "auto", **options):
     return open_chat(path, backend=backend, **options)
 
 
+def _check_kernels() -> str | None:
+    """The quiet self-test at first start and after an update (engine.selftest): a notice if the
+    fast kernels failed it and the scalar ones are used instead."""
+    from engine.paths import data_dir
+    from engine.selftest import ensure_kernels_checked
+    try:
+        return ensure_kernels_checked(data_dir() / "selftest.json")
+    except Exception as exc:  # noqa: BLE001 - no native library: the reference backend still runs
+        log.warning("kernel self-test not run: %s", exc)
+        return None
+
+
 def readable_error(exc: BaseException) -> str:
     """A message for a person: what went wrong, and what to do where we know it."""
     if isinstance(exc, OutOfMemoryError):
@@ -107,6 +119,7 @@ class EngineWorker(QObject):
 
         def run():
             try:
+                result["notice"] = _check_kernels()
                 result["session"] = self._opener(path, **options)
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
                 result["error"] = exc
@@ -126,7 +139,10 @@ class EngineWorker(QObject):
             self.load_failed.emit(readable_error(result["error"]))
             return
         self.session = result["session"]
-        self.loaded.emit(describe_session(self.session, path))
+        info = describe_session(self.session, path)
+        if result.get("notice"):
+            info["notice"] = result["notice"]
+        self.loaded.emit(info)
 
     @Slot()
     def unload(self) -> None:

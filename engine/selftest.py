@@ -10,6 +10,12 @@ The result is a SelfTestReport; `failed_variants` tells the app which kernels to
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import native
+from engine import __version__, native
 from engine.errors import TernError
 from engine.model import load_model
 from engine.quants import pack_i2_s
 from engine.reference import ReferenceDecoder
 from engine.testmodel import make_test_model
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("scalar", "avx2", "avx512-vnni", "amx")
 NEAR_TIE = 0.05          # top-1/top-2 logit margin under which int8 rounding may legitimately flip
@@ -121,3 +129,56 @@ def run_self_test(threads: int = 1) -> SelfTestReport:
             report.model_check = f"failed: {exc}"
     report.timings["tiny model check"] = time.perf_counter() - start
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The quiet check the app runs at first start and after an update
+# ---------------------------------------------------------------------------------------------
+
+def _self_test_command() -> list[str]:
+    """The packaged app re-runs itself; a checkout runs the engine's command."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "--self-test", "--json"]
+    return [sys.executable, "-m", "engine", "selftest", "--json"]
+
+
+def _stamp_key() -> str:
+    """Changes when the native library does (an update) or the CPU does (a moved profile)."""
+    from engine import _native
+    lib = _native.library_path()
+    st = lib.stat()
+    return f"{__version__}|{lib}|{st.st_size}|{st.st_mtime_ns}|{platform.machine()}|{platform.processor()}"
+
+
+def ensure_kernels_checked(stamp_path: Path, timeout_s: float = 120.0) -> str | None:
+    """Runs the self-test in a child process when this library build has not been checked on this
+    machine, remembers the verdict, and before the library is loaded here forces the scalar
+    kernels (TERN_ISA=scalar) if the chosen ones failed. Returns a notice for the user, or None.
+    A child process, because a kernel that the CPU cannot run may crash rather than fail."""
+    if os.environ.get("TERN_ISA"):
+        return None                      # the user chose the kernels
+    key = _stamp_key()
+    try:
+        saved = json.loads(stamp_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("key") != key:
+        try:
+            out = subprocess.run(_self_test_command(), capture_output=True, text=True, timeout=timeout_s)
+            report = json.loads(out.stdout) if out.stdout.strip() else {}
+            ok = out.returncode == 0 and report.get("ok") is True
+            reason = "" if ok else (report.get("model_check") or out.stderr.strip()[-300:]
+                                    or f"exit status {out.returncode}")
+            failed = report.get("failed_variants", [])
+        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            ok, reason, failed = False, f"the self-test did not finish: {exc}", []
+        saved = {"key": key, "ok": ok, "reason": reason, "failed_variants": failed}
+        stamp_path.parent.mkdir(parents=True, exist_ok=True)
+        stamp_path.write_text(json.dumps(saved), encoding="utf-8")
+    if saved.get("ok"):
+        return None
+    os.environ["TERN_ISA"] = "scalar"
+    log.warning("kernel self-test failed (%s); using the scalar kernels", saved.get("reason"))
+    failed = ", ".join(saved.get("failed_variants") or []) or "the chosen kernels"
+    return (f"The self-test found {failed} giving wrong results on this CPU, so Tern uses its "
+            f"slower, safe scalar kernels. ({saved.get('reason')})")

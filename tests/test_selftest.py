@@ -25,3 +25,26 @@ def test_forced_scalar_kernel_is_the_one_chosen():
                          text=True, timeout=120, env={**__import__("os").environ, "TERN_ISA": "scalar"})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["kernel"] == "scalar"
+
+
+def test_quiet_check_runs_once_per_library_build_and_remembers(tmp_path, monkeypatch):
+    from engine.selftest import ensure_kernels_checked
+    monkeypatch.delenv("TERN_ISA", raising=False)
+    stamp = tmp_path / "selftest.json"
+    assert ensure_kernels_checked(stamp) is None
+    saved = json.loads(stamp.read_text())
+    assert saved["ok"] is True and saved["failed_variants"] == []
+    before = stamp.stat().st_mtime_ns
+    assert ensure_kernels_checked(stamp) is None
+    assert stamp.stat().st_mtime_ns == before           # not run again for the same build
+
+
+def test_a_failed_verdict_forces_the_scalar_kernels(tmp_path, monkeypatch):
+    from engine.selftest import _stamp_key, ensure_kernels_checked
+    monkeypatch.delenv("TERN_ISA", raising=False)
+    stamp = tmp_path / "selftest.json"
+    stamp.write_text(json.dumps({"key": _stamp_key(), "ok": False, "reason": "step 3: wrong token",
+                                 "failed_variants": ["avx512-vnni"]}))
+    notice = ensure_kernels_checked(stamp)
+    assert notice and "avx512-vnni" in notice and "scalar" in notice
+    assert __import__("os").environ["TERN_ISA"] == "scalar"
