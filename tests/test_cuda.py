@@ -229,7 +229,7 @@ def test_open_decoder_backend_cuda(byte_model):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_memcheck_is_clean(byte_model, tmp_path):
-    """Kernels, prefill (GEMM path, two chunks), decode (graph) under compute-sanitizer memcheck."""
+    """Kernels, prefill (GEMM path, two chunks of 512), decode (graph) under compute-sanitizer memcheck."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import numpy as np
@@ -243,8 +243,8 @@ def test_memcheck_is_clean(byte_model, tmp_path):
             cuda.run_kernel("gemm_i8", random_int8(rng, rows, k), rows, k, random_int8(rng, 2, k))
         for fmt, head, kv in [("i2_s", "int8", "f16"), ("f16", "f16", "f32")]:
             path = {str(byte_model("i2_s"))!r} if fmt == "i2_s" else {str(byte_model("f16"))!r}
-            with native.NativeDecoder(load_model(path), n_ctx=300, device="cuda", lm_head=head, kv_type=kv) as d:
-                d.forward(rng.integers(0, 259, 270), all_logits=True)
+            with native.NativeDecoder(load_model(path), n_ctx=600, device="cuda", lm_head=head, kv_type=kv) as d:
+                d.forward(rng.integers(0, 259, 530), all_logits=True)
                 for t in range(5):
                     d.forward([t])
         print("memcheck run done")

@@ -86,8 +86,10 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
     const bool f32 = s->kv_type == TERN_KV_F32;
     const bool relu2 = h->activation == TERN_ACT_RELU2;
-    /* decode: 64 splits of the positions; prefill: 4 (the partials buffer holds 4 per token) */
-    const int32_t nsplit = n * 4 >= TERN_CUDA_MAX_SPLIT ? 4 : TERN_CUDA_MAX_SPLIT / n;
+    /* a few tokens: up to 64 splits of the positions; a prompt: 8 per token (the partials
+     * buffer's size) */
+    const int32_t nsplit = n * TERN_CUDA_PREFILL_SPLIT >= TERN_CUDA_MAX_SPLIT ? TERN_CUDA_PREFILL_SPLIT
+                                                                             : TERN_CUDA_MAX_SPLIT / n;
     cudaStream_t st = s->stream;
     TRY(launch_norm_quant(s->x, e, L->attn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->qkv, true, s->xq, s->meta, n, s->qkv, m->qkv_dim, EPI_STORE, st));
@@ -127,7 +129,7 @@ static int32_t session_alloc(tern_cuda_session *s)
     const size_t T = TERN_CUDA_CHUNK, e = (size_t)h->n_embd, ff = (size_t)h->n_ff, half = (size_t)h->head_dim / 2;
     const size_t kv = (size_t)h->n_layer * (size_t)s->n_ctx * (size_t)m->kv_dim;
     const size_t width = e > ff ? e : ff;
-    const size_t partial = 4 * T * (size_t)h->n_head * ((size_t)h->head_dim + 2);
+    const size_t partial = TERN_CUDA_PREFILL_SPLIT * T * (size_t)h->n_head * ((size_t)h->head_dim + 2);
     struct { void **p; size_t bytes; } want[] = {
         {(void **)&s->k_cache, kv * s->kv_elem}, {(void **)&s->v_cache, kv * s->kv_elem},
         {(void **)&s->x, T * e * 4}, {(void **)&s->qkv, T * (size_t)m->qkv_dim * 4},
