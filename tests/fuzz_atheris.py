@@ -47,13 +47,16 @@ BASES = (
 
 def make_base(base: Base, out: Path) -> Path:
     """One-layer byte-vocabulary model of the base's format (make_test_model with a small
-    shape registered for the call; testmodel's own shapes are left as they were)."""
+    shape registered for the call only)."""
     from engine import testmodel
 
     name = f"fuzz-{base.n_embd}-{base.n_ff}"
-    testmodel.SHAPES.setdefault(name, testmodel.Shape(n_embd=base.n_embd, n_ff=base.n_ff, n_layer=1,
-                                                      n_head=1, n_head_kv=1, n_ctx=64))
-    return testmodel.make_test_model(out, base.fmt, name, seed=1, embedding_type=base.embedding)
+    testmodel.SHAPES[name] = testmodel.Shape(n_embd=base.n_embd, n_ff=base.n_ff, n_layer=1, n_head=1,
+                                             n_head_kv=1, n_ctx=64)
+    try:
+        return testmodel.make_test_model(out, base.fmt, name, seed=1, embedding_type=base.embedding)
+    finally:
+        del testmodel.SHAPES[name]
 
 
 def load_bases(directory: Path) -> list[tuple[bytes, int]]:
