@@ -36,13 +36,32 @@ static inline void load_x_single(const int8_t *xb, __m512i xv[4])
         xv[g] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(xb + 32 * g)));
 }
 
-static inline __m512i dot_codes(__m512i acc, __m512i v, const __m512i xv[4])
+/* Codes are not shifted down: group g is masked in place (bits 7-6, 5-4, 3-2, 1-0), so its
+ * vpdpbusd sums (code << (6 - 2g)) * x, each group into its own accumulator, shifted back when
+ * the row is done — exact, since every lane of group g's sum is a multiple of 2^(6 - 2g). This
+ * saves the three shifts per 64 bytes that competed with vpdpbusd for port 0. */
+typedef struct group_acc {
+    __m512i g[4];
+} group_acc;
+
+static inline void dot_codes(group_acc *a, __m512i v, const __m512i xv[4])
 {
-    const __m512i mask = _mm512_set1_epi8(3);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 6), mask), xv[0]);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask), xv[1]);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 2), mask), xv[2]);
-    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, mask), xv[3]);
+    a->g[0] = _mm512_dpbusd_epi32(a->g[0], _mm512_and_si512(v, _mm512_set1_epi8((char)0xC0)), xv[0]);
+    a->g[1] = _mm512_dpbusd_epi32(a->g[1], _mm512_and_si512(v, _mm512_set1_epi8(0x30)), xv[1]);
+    a->g[2] = _mm512_dpbusd_epi32(a->g[2], _mm512_and_si512(v, _mm512_set1_epi8(0x0C)), xv[2]);
+    a->g[3] = _mm512_dpbusd_epi32(a->g[3], _mm512_and_si512(v, _mm512_set1_epi8(0x03)), xv[3]);
+}
+
+/* Adds the groups, shifted back, to total and clears them. */
+static inline __m512i flush(group_acc *a, __m512i total)
+{
+    total = _mm512_add_epi32(total, _mm512_srai_epi32(a->g[0], 6));
+    total = _mm512_add_epi32(total, _mm512_srai_epi32(a->g[1], 4));
+    total = _mm512_add_epi32(total, _mm512_srai_epi32(a->g[2], 2));
+    total = _mm512_add_epi32(total, a->g[3]);
+    for (int i = 0; i < 4; i++)
+        a->g[i] = _mm512_setzero_si512();
+    return total;
 }
 
 static inline __m512i load_single(const uint8_t *blk)
@@ -50,54 +69,47 @@ static inline __m512i load_single(const uint8_t *blk)
     return _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)blk));
 }
 
-static void rows4(const uint8_t *row, int64_t rb, int64_t nb, const int8_t *x, int32_t xsum,
-                  int32_t *y)
-{
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m512i xv[4];
-        load_x_pair(x + b * TERN_T2_BLOCK, xv);
-        const uint8_t *p = row + b * TERN_T2_BLOCK_BYTES;
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + rb + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + 2 * rb + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + 3 * rb + PREFETCH_AHEAD), _MM_HINT_T0);
-        a0 = dot_codes(a0, _mm512_loadu_si512(p), xv);
-        a1 = dot_codes(a1, _mm512_loadu_si512(p + rb), xv);
-        a2 = dot_codes(a2, _mm512_loadu_si512(p + 2 * rb), xv);
-        a3 = dot_codes(a3, _mm512_loadu_si512(p + 3 * rb), xv);
-    }
-    if (b < nb) {
-        __m512i xv[4];
-        load_x_single(x + b * TERN_T2_BLOCK, xv);
-        const uint8_t *p = row + b * TERN_T2_BLOCK_BYTES;
-        a0 = dot_codes(a0, load_single(p), xv);
-        a1 = dot_codes(a1, load_single(p + rb), xv);
-        a2 = dot_codes(a2, load_single(p + 2 * rb), xv);
-        a3 = dot_codes(a3, load_single(p + 3 * rb), xv);
-    }
-    y[0] = _mm512_reduce_add_epi32(a0) - xsum;
-    y[1] = _mm512_reduce_add_epi32(a1) - xsum;
-    y[2] = _mm512_reduce_add_epi32(a2) - xsum;
-    y[3] = _mm512_reduce_add_epi32(a3) - xsum;
-}
+/* A lane gains at most 4 * (2 << 6) * 128 = 65536 per block pair: flush every 2^14 pairs. */
+#define FLUSH_PAIRS 16384
 
-static int32_t row1(const uint8_t *row, int64_t nb, const int8_t *x, int32_t xsum)
+/* nr (1..4) rows starting at row, stride rb; constant nr after inlining. */
+static inline __attribute__((always_inline)) void rows_n(const uint8_t *row, int64_t rb, int64_t nb,
+                                                         const int8_t *x, int32_t xsum, int32_t *y,
+                                                         const int nr)
 {
-    __m512i a = _mm512_setzero_si512();
+    group_acc a[4];
+    __m512i total[4];
+    for (int r = 0; r < nr; r++) {
+        total[r] = _mm512_setzero_si512();
+        for (int i = 0; i < 4; i++)
+            a[r].g[i] = _mm512_setzero_si512();
+    }
     int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m512i xv[4];
-        load_x_pair(x + b * TERN_T2_BLOCK, xv);
-        a = dot_codes(a, _mm512_loadu_si512(row + b * TERN_T2_BLOCK_BYTES), xv);
+    while (b + 2 <= nb) {
+        const int64_t end = b + 2 * FLUSH_PAIRS < nb ? b + 2 * FLUSH_PAIRS : nb;
+        for (; b + 2 <= end; b += 2) {
+            __m512i xv[4];
+            load_x_pair(x + b * TERN_T2_BLOCK, xv);
+            const uint8_t *p = row + b * TERN_T2_BLOCK_BYTES;
+            for (int r = 0; r < nr; r++) {
+                _mm_prefetch((const char *)(p + r * rb + PREFETCH_AHEAD), _MM_HINT_T0);
+                dot_codes(&a[r], _mm512_loadu_si512(p + r * rb), xv);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            total[r] = flush(&a[r], total[r]);
     }
     if (b < nb) {
         __m512i xv[4];
         load_x_single(x + b * TERN_T2_BLOCK, xv);
-        a = dot_codes(a, load_single(row + b * TERN_T2_BLOCK_BYTES), xv);
+        const uint8_t *p = row + b * TERN_T2_BLOCK_BYTES;
+        for (int r = 0; r < nr; r++) {
+            dot_codes(&a[r], load_single(p + r * rb), xv);
+            total[r] = flush(&a[r], total[r]);
+        }
     }
-    return _mm512_reduce_add_epi32(a) - xsum;
+    for (int r = 0; r < nr; r++)
+        y[r] = _mm512_reduce_add_epi32(total[r]) - xsum;
 }
 
 void tern_gemv_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y,
@@ -107,9 +119,9 @@ void tern_gemv_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int32
     const int32_t xsum = sum_i8(x, k);
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4)
-        rows4(w + r * rb, rb, nb, x, xsum, y + r);
+        rows_n(w + r * rb, rb, nb, x, xsum, y + r, 4);
     for (; r < r1; r++)
-        y[r] = row1(w + r * rb, nb, x, xsum);
+        rows_n(w + r * rb, rb, nb, x, xsum, y + r, 1);
 }
 
 /* Int8 x int8 with vpdpbusd (unsigned x signed): the weights go in as q + 128 (an xor, cheaper
