@@ -11,7 +11,7 @@
 
 namespace {
 
-constexpr int kWarps = 8; /* warps per block */
+constexpr int kWarps = 4; /* warps per block */
 constexpr int kRows = 2;  /* rows per warp */
 
 __device__ __forceinline__ int32_t warp_sum(int32_t v)

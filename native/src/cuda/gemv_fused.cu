@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr int kWarps = 8, kThreads = kWarps * 32;
+constexpr int kWarps = 4, kThreads = kWarps * 32; /* small blocks: 2560-row matrices still cover every SM */
 
 __device__ __forceinline__ float act(float g, bool relu2)
 {
@@ -117,7 +117,7 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
 }
 
 template <int NCH, int MODE, bool NORM>
-__global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 2 : 4) gemv_t2_fused_kernel(const fused_gemv a)
+__global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8) gemv_t2_fused_kernel(const fused_gemv a)
 {
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
     extern __shared__ __align__(16) unsigned char smem[];

@@ -242,7 +242,15 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
     for (int32_t l = 0; l < launches && status == TERN_OK; l++) {
         const cuda_layer *L = &m->layers[l];
         const dmat &w = which == 0 ? L->qkv : which == 1 ? L->wo : which == 2 ? L->gate_up : which == 3 ? L->down : m->head;
-        status = which == 4 ? launch_gemv_i8(w, xq, meta, out, EPI_STORE, st) : launch_gemv_t2(w, xq, meta, out, EPI_STORE, st);
+        if (which == 4) {
+            status = launch_gemv_i8(w, xq, meta, out, EPI_STORE, st);
+        } else { /* the decode kernel (gate|up with its GLU epilogue) on a quantized input */
+            fused_gemv a = {};
+            a.w = w.w; a.rows = w.rows; a.nchunks = (int32_t)(w.cols / 64); a.scale = w.scale;
+            a.out = out; a.epi = EPI_STORE; a.xq = xq; a.meta = meta; a.width = (int)w.cols;
+            a.glu = which == 2; a.relu2 = 1;
+            status = launch_gemv_t2_fused(a, st);
+        }
         total += (double)w.rows * (double)(which == 4 ? w.cols : w.cols / 4);
     }
     const cudaError_t end = cudaStreamEndCapture(st, &g);
