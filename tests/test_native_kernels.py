@@ -135,18 +135,27 @@ _NEON_SOURCES = ["tern", "error", "platform", "cpu_features", "kernels", "kernel
                  "kernels_test", "kernels_neon", "f16"]
 
 
-def test_neon_variant_equals_scalar_under_qemu(tmp_path):
+def test_neon_variants_equal_scalar_under_qemu(tmp_path):
     cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not (cc and qemu):
         pytest.skip("needs the Debian packages gcc-aarch64-linux-gnu and qemu-user")
     exe = tmp_path / "kernel_check"
+    flags = ["-std=c11", "-O2", "-static", "-ffp-contract=off", f"-I{NATIVE / 'include'}", f"-I{NATIVE / 'src'}"]
+    dotprod = tmp_path / "dotprod.o"
+    subprocess.run([cc, *flags, "-march=armv8.2-a+dotprod", "-c", str(NATIVE / "src" / "kernels_neon_dotprod.c"),
+                    "-o", str(dotprod)], check=True, capture_output=True, text=True, timeout=300)
     sources = [str(NATIVE / "tests" / "kernel_check.c")] + [str(NATIVE / "src" / f"{s}.c") for s in _NEON_SOURCES]
-    subprocess.run([cc, "-std=c11", "-O2", "-static", "-ffp-contract=off", f"-I{NATIVE / 'include'}",
-                    f"-I{NATIVE / 'src'}", *sources, "-lpthread", "-lm", "-o", str(exe)],
+    subprocess.run([cc, *flags, *sources, str(dotprod), "-lpthread", "-lm", "-o", str(exe)],
                    check=True, capture_output=True, text=True, timeout=300)
-    run = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "neon: equal to scalar" in run.stdout
-    forced = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=300,
-                            env={"TERN_ISA": "scalar"})
-    assert "kernel: scalar" in forced.stdout
+
+    def run(cpu: str, env: dict | None = None) -> str:
+        proc = subprocess.run([qemu, "-cpu", cpu, str(exe)], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    with_dotprod = run("max")
+    assert "neon: equal to scalar" in with_dotprod and "neon-dotprod: equal to scalar" in with_dotprod
+    assert "kernel: neon-dotprod" in with_dotprod
+    without = run("cortex-a53")          # ARMv8.0: the dot-product variant is not offered
+    assert "neon-dotprod" not in without and "kernel: neon," in without
+    assert "kernel: scalar" in run("max", {"TERN_ISA": "scalar"})

@@ -62,7 +62,7 @@ static uint32_t detect(void)
     return f;
 }
 #elif defined(__aarch64__) || defined(_M_ARM64)
-static uint32_t detect(void) { return TERN_CPU_NEON; }
+static uint32_t detect(void) { return TERN_CPU_NEON | (tern_os_arm_dotprod() ? TERN_CPU_DOTPROD : 0); }
 #else
 static uint32_t detect(void) { return 0; }
 #endif

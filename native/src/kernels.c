@@ -34,6 +34,8 @@ static const tern_kernels variants[] = {
 #if defined(__aarch64__) || defined(_M_ARM64)
     {.name = "neon", .family = "neon", .needs = TERN_CPU_NEON, .score = 10,
      .gemv_t2 = tern_gemv_t2_neon, .gemv_i8 = tern_gemv_i8_neon},
+    {.name = "neon-dotprod", .family = "neon", .needs = TERN_CPU_NEON | TERN_CPU_DOTPROD, .score = 20,
+     .gemv_t2 = tern_gemv_t2_neon_dotprod, .gemv_i8 = tern_gemv_i8_neon_dotprod},
 #endif
 };
 

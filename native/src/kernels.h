@@ -129,6 +129,12 @@ void tern_gemv_t2_neon(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y,
 void tern_gemv_i8_neon(const int8_t *q, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
                        int64_t r1);
 
+/* kernels_neon_dotprod.c (AArch64 with the ARMv8.2 dot product) */
+void tern_gemv_t2_neon_dotprod(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y,
+                               int64_t r0, int64_t r1);
+void tern_gemv_i8_neon_dotprod(const int8_t *q, int64_t k, const int8_t *x, int32_t *y,
+                               int64_t r0, int64_t r1);
+
 /* gemm_avx512.c (helper H4b): AVX-512 VNNI GEMMs for prefill. */
 void tern_gemm_t2_avx512vnni(const uint8_t *w, int64_t k, const int8_t *x, int64_t ldx,
                              int64_t n, int32_t *y, int64_t ldy, int64_t r0, int64_t r1,
@@ -146,6 +152,7 @@ void tern_gemm_i8_amx(const int8_t *q, int64_t k, const int8_t *x, int64_t ldx, 
 
 /* platform.c: the one file with OS-specific calls. */
 bool tern_os_enable_amx(void);   /* Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+bool tern_os_arm_dotprod(void);  /* AArch64: the OS reports the ARMv8.2 dot product */
 /* Online CPUs (>= 1). */
 int tern_os_cpu_count(void);
 /* Drop the whole pages inside [p, p + n) of a read-only file mapping from the resident set. */

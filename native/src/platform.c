@@ -22,6 +22,22 @@ bool tern_os_enable_amx(void)
 bool tern_os_enable_amx(void) { return true; }
 #endif
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#define TERN_HWCAP_ASIMDDP (1UL << 20)
+bool tern_os_arm_dotprod(void) { return (getauxval(AT_HWCAP) & TERN_HWCAP_ASIMDDP) != 0; }
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+bool tern_os_arm_dotprod(void)
+{
+    int value = 0;
+    size_t size = sizeof value;
+    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &size, NULL, 0) == 0 && value;
+}
+#else
+bool tern_os_arm_dotprod(void) { return false; }
+#endif
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
 #include <unistd.h>

@@ -89,7 +89,7 @@ static int check_variant(const char *v)
 
 int main(void)
 {
-    static const char *names[] = {"avx2", "avx512-vnni", "amx", "neon"};
+    static const char *names[] = {"avx2", "avx512-vnni", "amx", "neon", "neon-dotprod"};
     int bad = 0, ran = 0;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if (!tern_kernels_by_name(names[i]))
