@@ -124,8 +124,6 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
 int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
                           const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st);
-/* L2 prefetch of a weight range (decode: the next layer's matrices while this one runs). */
-int32_t launch_prefetch_l2(const void *p, size_t bytes, cudaStream_t st);
 /* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t]. */
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,

@@ -35,8 +35,6 @@ struct tern_cuda_session {
     tern_cuda_model *m;
     int32_t n_ctx, n_past;
     cudaStream_t stream;
-    cudaStream_t side;         /* decode: L2 prefetch of the next layer's weights, forked/joined */
-    cudaEvent_t *layer_ev;     /* n_layer + 1 events (fork points and the join) */
     cudaGraphExec_t decode_graph; /* one-token step, captured at the first decode */
     bool graph_tried;
     int32_t kv_type;           /* TERN_KV_F16 or TERN_KV_F32 (the reference's precision) */

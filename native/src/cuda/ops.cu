@@ -288,21 +288,7 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         counters[t * n_head_kv + grp] = 0; /* ready for the next launch */
 }
 
-/* Asks L2 to fetch [p, p + bytes) ahead of use (one 128-byte line per thread step). */
-__global__ void prefetch_l2_kernel(const uint8_t *p, size_t bytes)
-{
-    for (size_t off = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes;
-         off += (size_t)gridDim.x * blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-}
-
 } // namespace
-
-int32_t launch_prefetch_l2(const void *p, size_t bytes, cudaStream_t st)
-{
-    prefetch_l2_kernel<<<132, 256, 0, st>>>(static_cast<const uint8_t *>(p), bytes);
-    return cuda_launch_status("prefetch_l2");
-}
 
 int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t width, float eps,
                           int32_t n, bool glu, bool relu2, int8_t *xq, act_meta *meta, float *xf,

@@ -105,42 +105,12 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     return matmul(L->down, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st);
 }
 
-/* TERN_CUDA_PREFETCH=0: no L2 prefetch of the next layer's weights in decode. */
-static bool prefetch_enabled(void)
-{
-    static const bool on = [] {
-        const char *env = getenv("TERN_CUDA_PREFETCH");
-        return !(env && env[0] == '0');
-    }();
-    return on;
-}
-
-/* On the side stream, after layer l's start on the main one: L2 prefetch of layer `target`. */
-static int32_t prefetch_layer(tern_cuda_session *s, int32_t l, int32_t target)
-{
-    const cuda_layer *L = &s->m->layers[target];
-    CUDA_TRY(cudaEventRecord(s->layer_ev[l], s->stream));
-    CUDA_TRY(cudaStreamWaitEvent(s->side, s->layer_ev[l], 0));
-    const dmat *mats[4] = {&L->qkv, &L->wo, &L->gate_up, &L->down};
-    for (int i = 0; i < 4; i++)
-        TRY(launch_prefetch_l2(mats[i]->w, (size_t)(mats[i]->rows * (mats[i]->cols / 4)), s->side));
-    return TERN_OK;
-}
-
 int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0)
 {
     const tern_cuda_model *m = s->m;
     const hv_model *h = &m->hv;
-    const bool prefetch = n == 1 && prefetch_enabled();
-    for (int32_t l = 0; l < h->n_layer; l++) {
-        if (prefetch && l + 1 < h->n_layer)
-            TRY(prefetch_layer(s, l, l + 1));
+    for (int32_t l = 0; l < h->n_layer; l++)
         TRY(n == 1 ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
-    }
-    if (prefetch) { /* join the side stream (a captured graph must end on the main one) */
-        CUDA_TRY(cudaEventRecord(s->layer_ev[h->n_layer], s->side));
-        CUDA_TRY(cudaStreamWaitEvent(s->stream, s->layer_ev[h->n_layer], 0));
-    }
     if (!want_logits)
         return TERN_OK;
     const int64_t e = h->n_embd;
@@ -211,15 +181,8 @@ extern "C" int32_t tern_cuda_session_create(tern_cuda_model *m, int32_t n_ctx, i
     s->kv_type = kv_type;
     s->kv_elem = kv_type == TERN_KV_F32 ? 4 : 2;
     int32_t st = TERN_OK;
-    if (cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking) != cudaSuccess ||
-        cudaStreamCreateWithFlags(&s->side, cudaStreamNonBlocking) != cudaSuccess)
+    if (cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking) != cudaSuccess)
         st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: cannot create a stream");
-    s->layer_ev = (cudaEvent_t *)calloc((size_t)m->hv.n_layer + 1, sizeof(cudaEvent_t));
-    if (st == TERN_OK && !s->layer_ev)
-        st = tern_fail(TERN_ERR_NOMEM, "out of memory");
-    for (int32_t i = 0; st == TERN_OK && i <= m->hv.n_layer; i++)
-        if (cudaEventCreateWithFlags(&s->layer_ev[i], cudaEventDisableTiming) != cudaSuccess)
-            st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: cannot create an event");
     if (st == TERN_OK)
         st = session_alloc(s);
     if (st != TERN_OK) {
@@ -242,12 +205,6 @@ extern "C" void tern_cuda_session_free(tern_cuda_session *s)
         cudaFree(dev[i]);
     cudaFreeHost(s->host_x);
     cudaFreeHost(s->host_pos);
-    for (int32_t i = 0; s->layer_ev && i <= s->m->hv.n_layer; i++)
-        if (s->layer_ev[i])
-            cudaEventDestroy(s->layer_ev[i]);
-    free(s->layer_ev);
-    if (s->side)
-        cudaStreamDestroy(s->side);
     if (s->stream)
         cudaStreamDestroy(s->stream);
     delete s;
