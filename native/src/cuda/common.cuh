@@ -85,21 +85,18 @@ int32_t launch_gemv_i8(const dmat &m, const int8_t *xq, const act_meta *meta, vo
 int32_t launch_gemv_float(const void *w, bool half_rows, int64_t rows, int64_t cols, const float *xf,
                           int32_t n, float *out, cudaStream_t st);
 
-/* gemv_fused.cu: decode BitLinear with RMSNorm + quantization of its float input fused in. */
+/* gemv_fused.cu: the decode BitLinear of a quantized input with its epilogue fusions. */
 struct fused_gemv {
     const uint8_t *w;        /* T2 rows */
     int64_t rows;
     int32_t nchunks;         /* width / 64 */
     const float *scale;      /* per row */
-    float *out;              /* rows floats */
+    float *out;              /* rows floats (glu: rows / 2) */
     int epi;                 /* EPI_STORE or EPI_ADD */
-    const int8_t *xq;        /* the quantized input (norm_quant_kernel), or NULL: normalize x */
+    const int8_t *xq;        /* the quantized input (norm_quant_kernel), width values */
     const act_meta *meta;
-    const float *x;          /* the input row: width floats */
-    const float *norm_w;
-    float eps;
     int width;
-    int glu, relu2;          /* gate|up rows: out[i] = act(gate_i) * up_i (rows / 2 floats) */
+    int glu, relu2;          /* gate|up rows: out[i] = act(gate_i) * up_i */
     int rope;                /* q|k|v rows: RoPE at *pos, k and v stored in the caches */
     const float *rope_cos, *rope_sin;
     const int32_t *pos;

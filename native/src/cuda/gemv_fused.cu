@@ -3,11 +3,10 @@
  * cache; for gate|up it takes gate rows and their up rows and writes act(gate) * up.
  *
  * Every block first loads its weight rows (they do not depend on earlier kernels: with
- * programmatic dependent launch these loads overlap the previous kernel). Its int8 input comes
- * from norm_quant_kernel (fused_gemv.xq set: the default), or -- TERN_CUDA_FUSED=1 -- each block
- * normalizes and quantizes the float input row itself into shared memory (every block computes
- * the same values in the same order): one kernel less per BitLinear, but measured slower on an
- * H100 (540 vs 569 tokens/s), since every block pays the normalization's latency. */
+ * programmatic dependent launch these loads overlap the previous kernel), then waits for its
+ * int8 input from norm_quant_kernel. (Normalizing the input inside every block instead, one
+ * kernel less per BitLinear, measured slower on an H100: 470 vs 605 tokens/s, since every
+ * block then pays the normalization's latency.) */
 #include "common.cuh"
 
 namespace {
@@ -23,81 +22,12 @@ __device__ __forceinline__ float act(float g, bool relu2)
     return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
 }
 
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T *red)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0)
-        red[threadIdx.x / 32] = v;
-    __syncthreads();
-    T r = 0;
-#pragma unroll
-    for (int i = 0; i < kWarps; i++)
-        r += red[i];
-    return r;
-}
-
-__device__ __forceinline__ float block_max(float v, float *red)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0)
-        red[threadIdx.x / 32] = v;
-    __syncthreads();
-    float r = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kWarps; i++)
-        r = fmaxf(r, red[i]);
-    return r;
-}
-
 __device__ __forceinline__ void put(void *cache, bool f32, int64_t at, float v)
 {
     if (f32)
         static_cast<float *>(cache)[at] = v;
     else
         static_cast<__half *>(cache)[at] = __float2half_rn(v);
-}
-
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
-{
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
-/* RMSNorm + absmax int8 of the input row (already in xs, norm weights in ws, shared memory)
- * into qs; returns the scale, *sum_out = sum of qs. */
-__device__ float norm_quant_block(const fused_gemv &a, float *xs, const float *ws, int8_t *qs, int *sum_out)
-{
-    __shared__ float redf[kWarps];
-    __shared__ int redi[kWarps];
-    const int n = a.width;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < n; i += kThreads)
-        ss = __fadd_rn(ss, __fmul_rn(xs[i], xs[i]));
-    ss = block_sum(ss, redf);
-    const float r = sqrtf(__fadd_rn(__fdiv_rn(ss, (float)n), a.eps));
-    float amax = 0.0f;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-        const float y = __fmul_rn(__fdiv_rn(xs[i], r), ws[i]);
-        xs[i] = y;
-        amax = fmaxf(amax, fabsf(y));
-    }
-    amax = block_max(amax, redf);
-    const float s = __fdiv_rn(127.0f, amax > 1e-5f ? amax : 1e-5f);
-    int sum = 0;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-        const float q = fminf(fmaxf(rintf(__fmul_rn(xs[i], s)), -128.0f), 127.0f);
-        qs[i] = (int8_t)q;
-        sum += (int)q;
-    }
-    *sum_out = block_sum(sum, redi); /* its barriers also publish qs */
-    return s;
 }
 
 enum { MODE_PLAIN = 0, MODE_ROPE = 1, MODE_GLU = 2 };
@@ -116,14 +46,10 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
     return 2 * unit + r;
 }
 
-template <int NCH, int MODE, bool NORM>
+template <int NCH, int MODE>
 __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8) gemv_t2_fused_kernel(const fused_gemv a)
 {
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
-    extern __shared__ __align__(16) unsigned char smem[];
-    float *xs = reinterpret_cast<float *>(smem);
-    float *ws = xs + a.width;
-    int8_t *qs = reinterpret_cast<int8_t *>(ws + a.width);
     const int lane = threadIdx.x & 31;
     const int64_t unit = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
     int64_t row[R];
@@ -144,24 +70,10 @@ __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8)
             if (valid[r] && ch < a.nchunks)
                 wv[r][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + row[r] * rbytes + ch * 16));
         }
-    int sum;
-    float s;
-    if (NORM) {
-        const int nvec = a.width / 4;
-        for (int i = threadIdx.x; i < nvec; i += kThreads)
-            cp_async16(ws + 4 * i, a.norm_w + 4 * i);
-        grid_wait();
-        for (int i = threadIdx.x; i < nvec; i += kThreads)
-            cp_async16(xs + 4 * i, a.x + 4 * i);
-        cp_async_wait_all();
-        __syncthreads();
-        s = norm_quant_block(a, xs, ws, qs, &sum);
-    } else { /* quantized by norm_quant_kernel */
-        grid_wait();
-        qs = const_cast<int8_t *>(a.xq);
-        s = a.meta->s;
-        sum = a.meta->sum;
-    }
+    grid_wait(); /* the quantized input comes from the previous kernel */
+    const int8_t *qs = a.xq;
+    const float s = a.meta->s;
+    const int sum = a.meta->sum;
     if (!valid[0])
         return;
     int32_t acc[R];
@@ -235,18 +147,11 @@ __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8)
     }
 }
 
-template <int MODE, bool NORM>
+template <int MODE>
 cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv &a)
 {
-    static bool raised[5] = {};
-    void (*k)(fused_gemv) = per == 1 ? gemv_t2_fused_kernel<1, MODE, NORM> : per == 2 ? gemv_t2_fused_kernel<2, MODE, NORM>
-                          : per == 3 ? gemv_t2_fused_kernel<3, MODE, NORM> : gemv_t2_fused_kernel<4, MODE, NORM>;
-    if (NORM && !raised[per]) { /* more than 48 KB of shared memory needs an opt-in per kernel */
-        const cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 9 * 8192);
-        if (err != cudaSuccess)
-            return err;
-        raised[per] = true;
-    }
+    void (*k)(fused_gemv) = per == 1 ? gemv_t2_fused_kernel<1, MODE> : per == 2 ? gemv_t2_fused_kernel<2, MODE>
+                          : per == 3 ? gemv_t2_fused_kernel<3, MODE> : gemv_t2_fused_kernel<4, MODE>;
     return cudaLaunchKernelEx(&cfg, k, a);
 }
 
@@ -255,7 +160,7 @@ cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
 {
     const int mode = a.rope ? MODE_ROPE : a.glu ? MODE_GLU : MODE_PLAIN;
-    if (a.width % 128 != 0 || a.width > 8192 || (mode == MODE_ROPE && a.rows % a.head_dim != 0) ||
+    if (a.width % 128 != 0 || !a.xq || !a.meta || (mode == MODE_ROPE && a.rows % a.head_dim != 0) ||
         (mode == MODE_GLU && a.rows % 4 != 0))
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: width %d / rows %lld not supported", a.width,
                          (long long)a.rows);
@@ -266,22 +171,15 @@ int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = (unsigned)((units + kWarps - 1) / kWarps);
     cfg.blockDim = kThreads;
-    cfg.dynamicSmemBytes = a.xq ? 0 : (size_t)a.width * 9;
     cfg.stream = st;
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = &attr;
     cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
-    cudaError_t err;
-    if (a.xq)
-        err = mode == MODE_ROPE ? launch_mode<MODE_ROPE, false>(cfg, per, a)
-            : mode == MODE_GLU  ? launch_mode<MODE_GLU, false>(cfg, per, a)
-                                : launch_mode<MODE_PLAIN, false>(cfg, per, a);
-    else
-        err = mode == MODE_ROPE ? launch_mode<MODE_ROPE, true>(cfg, per, a)
-            : mode == MODE_GLU  ? launch_mode<MODE_GLU, true>(cfg, per, a)
-                                : launch_mode<MODE_PLAIN, true>(cfg, per, a);
+    const cudaError_t err = mode == MODE_ROPE ? launch_mode<MODE_ROPE>(cfg, per, a)
+                          : mode == MODE_GLU  ? launch_mode<MODE_GLU>(cfg, per, a)
+                                              : launch_mode<MODE_PLAIN>(cfg, per, a);
     if (err != cudaSuccess)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching fused gemv: %s", cudaGetErrorString(err));
     return TERN_OK;

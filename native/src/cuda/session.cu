@@ -21,19 +21,8 @@ int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, i
             return st_;             \
     } while (0)
 
-/* TERN_CUDA_FUSED=1: every decode GEMV normalizes its own input (no norm_quant kernels). */
-static bool fused_norm(void)
-{
-    static const bool on = [] {
-        const char *env = getenv("TERN_CUDA_FUSED");
-        return env && env[0] == '1';
-    }();
-    return on;
-}
-
 /* One decode step of a layer: norm+quant, q|k|v with RoPE and the KV store, attention,
- * norm+quant, wo, norm+quant, gate|up with the GLU, norm+quant, down (without the norm kernels
- * under TERN_CUDA_FUSED=1). */
+ * norm+quant, wo, norm+quant, gate|up with the GLU, norm+quant, down. */
 static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
 {
     const tern_cuda_model *m = s->m;
@@ -41,22 +30,20 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     const cuda_layer *L = &m->layers[l];
     const int64_t e = h->n_embd, ff = h->n_ff;
     const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
-    const bool f32 = s->kv_type == TERN_KV_F32, fused = fused_norm();
+    const bool f32 = s->kv_type == TERN_KV_F32;
     cudaStream_t st = s->stream;
     fused_gemv a = {};
-    a.eps = h->rms_eps;
     a.relu2 = h->activation == TERN_ACT_RELU2;
     a.head_dim = h->head_dim;
     a.n_head = h->n_head;
     a.n_head_kv = h->n_head_kv;
     a.kv_f32 = f32;
+    a.xq = s->xq;
+    a.meta = s->meta;
     auto gemv = [&](const dmat &w, const float *x, const float *norm, int width, float *out, int epi) {
         a.w = w.w; a.rows = w.rows; a.nchunks = (int32_t)(w.cols / 64); a.scale = w.scale;
-        a.x = x; a.norm_w = norm; a.width = width; a.out = out; a.epi = epi;
-        a.xq = fused ? NULL : s->xq;
-        a.meta = fused ? NULL : s->meta;
-        if (!fused)
-            TRY(launch_norm_quant(x, width, norm, width, h->rms_eps, 1, false, a.relu2, s->xq, s->meta, NULL, st));
+        a.width = width; a.out = out; a.epi = epi;
+        TRY(launch_norm_quant(x, width, norm, width, h->rms_eps, 1, false, a.relu2, s->xq, s->meta, NULL, st));
         return launch_gemv_t2_fused(a, st);
     };
     a.rope = 1;
