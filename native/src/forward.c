@@ -360,6 +360,23 @@ static void chunk_job(void *ctx, int ith, int nth)
         head_job(j, ts, tr);
 }
 
+/* A lookup of one embedding row maps the whole 64 KB-aligned window around it (the kernel's
+ * fault-around, which ignores MADV_RANDOM here): 64 KB resident per distinct token, ~250 MB for
+ * a 4096-token context. Dropping the window after the copy keeps it at the row's size; the
+ * window is clipped to the embedding so no weight page is dropped. */
+#define LOOKUP_WINDOW 65536
+
+static void release_lookup_window(const embd_matrix *e, int64_t n_rows, int32_t token)
+{
+    const uintptr_t lo = (uintptr_t)e->data, hi = lo + (uintptr_t)(e->row_bytes * n_rows);
+    const uintptr_t row = lo + (uintptr_t)token * (uintptr_t)e->row_bytes;
+    uintptr_t a = row / LOOKUP_WINDOW * LOOKUP_WINDOW;
+    uintptr_t b = (row + (uintptr_t)e->row_bytes + LOOKUP_WINDOW - 1) / LOOKUP_WINDOW * LOOKUP_WINDOW;
+    a = a < lo ? lo : a;
+    b = b > hi ? hi : b;
+    tern_os_release_pages((const void *)a, (uint64_t)(b - a));
+}
+
 void tern_forward_chunk(tern_session *s, const int32_t *tokens, int32_t n, float *logits, bool all)
 {
     const tern_model *m = s->m;
@@ -367,6 +384,8 @@ void tern_forward_chunk(tern_session *s, const int32_t *tokens, int32_t n, float
     for (int32_t t = 0; t < n; t++) {
         tern_dequant_row(m->token_embd.type, m->token_embd.data + (int64_t)tokens[t] * m->token_embd.row_bytes,
                          m->n_embd, s->x + (int64_t)t * m->n_embd);
+        if (m->embd_lookup_release)
+            release_lookup_window(&m->token_embd, m->n_vocab, tokens[t]);
         tern_rope_table(s->n_past + t, m->head_dim, (double)m->rope_theta, s->rope_cos + t * half,
                         s->rope_sin + t * half);
     }

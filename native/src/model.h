@@ -39,6 +39,7 @@ struct tern_model {
     int8_t *head_q;          /* TERN_LM_HEAD_INT8: n_vocab x n_embd */
     float *head_scale;       /* per row */
     uint64_t alloc_bytes;
+    bool embd_lookup_release; /* token_embd is a file mapping read only by row lookups */
 };
 
 /* Bytes of one row of n values of an embedding type, or -1 if the type/length cannot be. */

@@ -152,9 +152,12 @@ static int32_t load(const tern_model_params *p, tern_model *m)
             return st;
     if (!(m->output_norm = copy_norm(p->output_norm, p->n_embd, "output_norm.weight", m, &st)))
         return st;
-    /* With the int8 head, decode reads only the embedding rows of its tokens afterwards. */
-    if (p->lm_head == TERN_LM_HEAD_INT8)
-        return tern_build_int8_head(m, p->release_sources != 0);
+    if (p->lm_head == TERN_LM_HEAD_INT8 && (st = tern_build_int8_head(m, p->release_sources != 0)) != TERN_OK)
+        return st;
+    /* The embedding only looked up (int8 head, or a separate output.weight): forward.c drops
+     * the pages each lookup maps (see release_lookup_window). */
+    m->embd_lookup_release = p->release_sources &&
+                             (p->lm_head == TERN_LM_HEAD_INT8 || m->head.data != m->token_embd.data);
     return TERN_OK;
 }
 
