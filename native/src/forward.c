@@ -350,8 +350,7 @@ static void chunk_job(void *ctx, int ith, int nth)
 {
     const job *j = ctx;
     thread_scratch *ts = &j->s->ts[ith];
-    ts->ith = ith;
-    ts->nth = nth;
+    (void)nth;
     ts->phase = 0;
     const bool tr = ith == 0 && j->s->trace;
     for (int32_t l = 0; l < j->s->m->n_layer; l++)

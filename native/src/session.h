@@ -28,12 +28,11 @@ typedef struct thread_scratch {
     void *gemm;      /* TERN_GEMM_SCRATCH_BYTES, 64-aligned */
     float *scores;   /* n_ctx attention weights */
     float *row;      /* n_embd: a dequantized LM-head row */
-    /* The current phase's input, set by norm_quant: this thread's own buffers above (one
-     * token: every thread quantizes it, no barrier) or the session's shared ones (a prompt
-     * chunk: threads split the tokens, then one barrier). */
+    /* The current phase's input, set by input_phase: this thread's own buffers above (one
+     * token: every thread that joins the phase quantizes it) or the session's shared ones (a
+     * prompt chunk: an input phase, one token per item; forward.c). */
     const int8_t *in_q;
     const float *in_s, *in_f;
-    int ith, nth;
     int32_t phase;   /* phase.h: this thread's position in the chunk's phase sequence */
     phase_input pending; /* one token: quantized privately when its consuming phase opens */
     bool has_pending;
