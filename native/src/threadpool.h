@@ -1,6 +1,7 @@
-/* A persistent pool: n threads (the caller is thread 0) run one job function together, with
- * barriers inside the job between phases. Waits spin briefly, then yield (on this shared
- * 2-vCPU host the other thread is often preempted), and idle workers sleep on a condvar. */
+/* A persistent pool: n threads (the caller is thread 0) run one job function together and
+ * meet at its end. Inside a job, forward.c's phases wait on item counts (phase.h) rather than
+ * on barriers. Waits spin briefly, then yield (on this shared 2-vCPU host the other thread is
+ * often preempted), and idle workers sleep on a condvar. */
 #ifndef TERN_THREADPOOL_H
 #define TERN_THREADPOOL_H
 
