@@ -109,7 +109,8 @@ def bench_transformers(hp, repeat: int, tg: int, online_quant: bool) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             model.config.quantization_config = dict(ONLINE_QUANT)
             model.save_pretrained(tmp)
-            del model
+            model = None              # free the dense copy first
+            torch.cuda.empty_cache()
             model = BitNetForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map="cuda").eval()
     ids = torch.randint(0, hp.n_vocab, (1, 64), device="cuda")
 
@@ -131,7 +132,7 @@ def bench_transformers(hp, repeat: int, tg: int, online_quant: bool) -> dict:
     for _ in range(repeat):
         one, many = gen(1), gen(tg)
         tps.append((tg - 1) / (many - one))
-    del model
+    model = None
     torch.cuda.empty_cache()
     return {"engine": name, "transformers": transformers.__version__, "torch": torch.__version__,
             "warmup_s": compile_s, f"tg{tg}_tps": _summary(tps)}
