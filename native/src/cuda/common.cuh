@@ -76,7 +76,7 @@ cudaError_t launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream
 /* Status of the last launch (a bad configuration shows here, a fault at the next sync). */
 int32_t cuda_launch_status(const char *what);
 
-/* gemv.cu: one token. T2 (w packed) or I8 rows; out float (n_out = rows) or int32 (EPI_RAW). */
+/* One token. T2 (w packed; gemv_fused.cu) or I8 rows (gemv.cu); out float (rows) or int32 (EPI_RAW). */
 int32_t launch_gemv_t2(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
                        cudaStream_t st);
 int32_t launch_gemv_i8(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,

@@ -1,5 +1,5 @@
-/* Decode GEMVs (one token): ternary T2 rows and int8 rows times int8 activations with dp4a,
- * and f16/f32 rows times float activations (the exact LM-head path).
+/* Decode GEMVs (one token) of the LM head: int8 rows times int8 activations with dp4a, and
+ * f16/f32 rows times float activations (the exact path). The ternary GEMV is in gemv_fused.cu.
  *
  * Each warp owns R consecutive rows; lane l reads the 16-byte chunks l, l+32, ... of every row,
  * so the activation values a lane needs are the same for all its rows: they are loaded into
@@ -43,60 +43,6 @@ __device__ __forceinline__ void finish(int32_t acc, int64_t row, const act_meta 
     const float v = __fmul_rn(__fdiv_rn((float)acc, meta->s), scale[row]);
     float *o = static_cast<float *>(out) + row;
     *o = epi == EPI_ADD ? __fadd_rn(*o, v) : v;
-}
-
-/* T2: a 16-byte chunk c of a row holds bytes (c%2)*16.. of block c/2, i.e. weights
- * k0+j, k0+32+j, k0+64+j, k0+96+j (j < 16) of that block in its 2-bit fields. */
-template <int NCH>
-__global__ void __launch_bounds__(kWarps * 32)
-gemv_t2_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
-               const int8_t *__restrict__ xq, const act_meta *__restrict__ meta,
-               const float *__restrict__ scale, void *out, int epi)
-{
-    const int lane = threadIdx.x & 31;
-    const int64_t r0 = ((int64_t)blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
-    if (r0 >= rows)
-        return;
-    const int64_t rb = (int64_t)nchunks * 16;
-    uint4 wv[kRows][NCH];
-#pragma unroll
-    for (int r = 0; r < kRows; r++)
-#pragma unroll
-        for (int c = 0; c < NCH; c++) {
-            const int ch = lane + c * 32;
-            wv[r][c] = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u); /* code 1 = 0 */
-            if (r0 + r < rows && ch < nchunks)
-                wv[r][c] = load_stream(w + (r0 + r) * rb + ch * 16);
-        }
-    grid_wait(); /* the activations come from the previous kernel */
-    int xr[NCH][16];
-#pragma unroll
-    for (int c = 0; c < NCH; c++) {
-        const int ch = lane + c * 32;
-#pragma unroll
-        for (int g = 0; g < 4; g++) {
-            int4 v = make_int4(0, 0, 0, 0);
-            if (ch < nchunks)
-                v = *reinterpret_cast<const int4 *>(xq + (ch >> 1) * 128 + g * 32 + (ch & 1) * 16);
-            xr[c][g * 4 + 0] = v.x; xr[c][g * 4 + 1] = v.y; xr[c][g * 4 + 2] = v.z; xr[c][g * 4 + 3] = v.w;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < kRows; r++) {
-        int32_t acc = 0;
-#pragma unroll
-        for (int c = 0; c < NCH; c++) {
-            const uint32_t words[4] = {wv[r][c].x, wv[r][c].y, wv[r][c].z, wv[r][c].w};
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int g = 0; g < 4; g++)
-                    acc = __dp4a((int)((words[i] >> (6 - 2 * g)) & 0x03030303u), xr[c][g * 4 + i], acc);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0 && r0 + r < rows)
-            finish(acc - meta->sum, r0 + r, meta, scale, out, epi);
-    }
 }
 
 /* I8: chunk c of a row is columns 16c .. 16c+15. */
@@ -202,24 +148,6 @@ int32_t cuda_launch_status(const char *what)
     case N:                                                                                     \
         LAUNCH(#KERNEL, KERNEL<N>, blocks, kWarps * 32, st, m.w, m.rows, nchunks, xq, meta, m.scale, out, epi); \
         break;
-
-int32_t launch_gemv_t2(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
-                       cudaStream_t st)
-{
-    if (m.cols % 128 != 0)
-        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda gemv_t2: k=%lld is not a multiple of 128", (long long)m.cols);
-    const int32_t nchunks = (int32_t)(m.cols / 64);
-    const int32_t per = chunks_per_lane(nchunks, "gemv_t2");
-    if (per < 0)
-        return -per;
-    const unsigned blocks = (unsigned)((m.rows + kWarps * kRows - 1) / (kWarps * kRows));
-    switch (per) {
-        GEMV_CASE(gemv_t2_kernel, 1) GEMV_CASE(gemv_t2_kernel, 2) GEMV_CASE(gemv_t2_kernel, 3)
-        GEMV_CASE(gemv_t2_kernel, 4) GEMV_CASE(gemv_t2_kernel, 5) GEMV_CASE(gemv_t2_kernel, 6)
-        GEMV_CASE(gemv_t2_kernel, 7) GEMV_CASE(gemv_t2_kernel, 8)
-    }
-    return cuda_launch_status("gemv_t2");
-}
 
 int32_t launch_gemv_i8(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
                        cudaStream_t st)

@@ -110,12 +110,17 @@ __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8)
     float y[R];
 #pragma unroll
     for (int r = 0; r < R; r++)
-        y[r] = valid[r] ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), a.scale[row[r]]) : 0.0f;
+        y[r] = valid[r] && a.epi != EPI_RAW ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), a.scale[row[r]]) : 0.0f;
     if (MODE == MODE_PLAIN) {
 #pragma unroll
-        for (int r = 0; r < R; r++)
-            if (valid[r])
+        for (int r = 0; r < R; r++) {
+            if (!valid[r])
+                continue;
+            if (a.epi == EPI_RAW) /* the exact dot product (kernel tests) */
+                reinterpret_cast<int32_t *>(a.out)[row[r]] = acc[r] - sum;
+            else
                 a.out[row[r]] = a.epi == EPI_ADD ? __fadd_rn(a.out[row[r]], y[r]) : y[r];
+        }
         return;
     }
     if (MODE == MODE_GLU) { /* act(gate) * up, as the CPU decoder: ffn = act(g); ffn *= u */
@@ -156,6 +161,17 @@ cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv
 }
 
 } // namespace
+
+int32_t launch_gemv_t2(const dmat &m, const int8_t *xq, const act_meta *meta, void *out, int epi,
+                       cudaStream_t st)
+{
+    if (m.cols % 128 != 0)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda gemv_t2: k=%lld is not a multiple of 128", (long long)m.cols);
+    fused_gemv a = {};
+    a.w = m.w; a.rows = m.rows; a.nchunks = (int32_t)(m.cols / 64); a.scale = m.scale;
+    a.out = static_cast<float *>(out); a.epi = epi; a.xq = xq; a.meta = meta; a.width = (int)m.cols;
+    return launch_gemv_t2_fused(a, st);
+}
 
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
 {
