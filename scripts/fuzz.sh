@@ -10,6 +10,8 @@
 #          a release build of the library in build/fuzz-release.
 # Both run niced (the machine is shared). A crash leaves its input in build/fuzz/artifacts/ and
 # makes this script exit non-zero; copy the input into tests/fuzz_corpus/ once it is fixed.
+# FUZZ_FLAGS adds libFuzzer flags, e.g. "-fork=1 -ignore_crashes=1" to go on past known faults;
+# TERN_ISA=avx2|scalar|... passes through to the native harness.
 # Needs: clang, libclang-rt-14-dev (libFuzzer), `pip install atheris` in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 # libFuzzer's merge re-runs the atheris script by its own name (#!/usr/bin/env python3)
 export PATH="$(dirname "$PY"):$PATH"
 WORK=$ROOT/build/fuzz-work
+read -r -a EXTRA <<< "${FUZZ_FLAGS:-}"
 ART=$ROOT/build/fuzz/artifacts
 mkdir -p "$WORK" "$ART"
 
@@ -54,7 +57,7 @@ fuzz_one() {
     local seeds=()
     [ "$harness" = fuzz_params ] && seeds=("$WORK/seeds/native")
     ASAN_OPTIONS=detect_leaks=1 nice -n 19 build/fuzz/$harness -max_len=2048 -len_control=0 -timeout=10 \
-        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$ART/$harness-" \
+        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$ART/$harness-" "${EXTRA[@]}" \
         -max_total_time="$secs" "$run" "$kept" "${seeds[@]}" > "$WORK/$harness.log" 2>&1 \
         || { tail -40 "$WORK/$harness.log"; return 1; }
     tail -12 "$WORK/$harness.log"
@@ -73,7 +76,7 @@ run_atheris() {
     local run=$WORK/atheris
     mkdir -p "$run"
     TERN_NATIVE_LIB=$ROOT/build/fuzz-release/libtern.so nice -n 19 "$PY" tests/fuzz_atheris.py \
-        -max_len=4096 -timeout=20 -rss_limit_mb=3072 -print_final_stats=1 -artifact_prefix="$ART/atheris-" \
+        -max_len=4096 -timeout=20 -rss_limit_mb=3072 -print_final_stats=1 -artifact_prefix="$ART/atheris-" "${EXTRA[@]}" \
         -max_total_time="$SECONDS_EACH" "$run" tests/fuzz_corpus/gguf "$WORK/seeds/gguf" \
         > "$WORK/atheris.log" 2>&1 || { tail -40 "$WORK/atheris.log"; return 1; }
     tail -12 "$WORK/atheris.log"
