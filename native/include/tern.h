@@ -96,7 +96,8 @@ typedef struct tern_session tern_session;
 
 /* Checks every size, shape, type and range; repacks ternary matrices into the kernels' layout
  * (I2_S is used in place, so the mapping must outlive the model); copies norms; builds the
- * int8 LM head if asked. Non-I2_S sources are not read again after this returns. */
+ * int8 LM head if asked. Ternary sources other than I2_S are not read again after this returns;
+ * the embedding is read by row lookups (and is the head itself with TERN_LM_HEAD_F16 when tied). */
 TERN_API int32_t tern_model_create(const tern_model_params *params, tern_model **out);
 TERN_API void tern_model_free(tern_model *model);
 /* Bytes the model allocated (repacked weights, int8 head, norms). */
@@ -126,8 +127,9 @@ TERN_API int32_t tern_forward(tern_session *session, const int32_t *tokens, int3
 TERN_API void tern_cancel(tern_session *session);
 
 /* Debug hook: called on the calling thread of tern_forward with named activations
- * ("attn_norm", "q", "k", "v", "attn", "attn_sub_norm", "attn_out", "ffn_norm", "ffn_act",
- * "ffn_sub_norm", "ffn_out", "out"; layer -1 for "output_norm"), n_tok x width floats. */
+ * ("attn_norm", "q", "k", "v" (after RoPE), "attn", "attn_sub_norm", "ffn_norm", "ffn_act",
+ * "ffn_sub_norm", "out"; layer -1 for "output_norm"), n_tok x width floats. While a hook is
+ * set, every phase ends with all threads meeting (slower; for tests). */
 typedef void (*tern_trace_fn)(void *user, const char *name, int32_t layer, const float *data,
                               int32_t n_tok, int32_t width);
 TERN_API void tern_session_set_trace(tern_session *session, tern_trace_fn fn, void *user);
