@@ -228,6 +228,9 @@ class Tokenizer:
         tokens = [t if type(t) is str else _as_str(t) for t in _as_list(md.get("tokenizer.ggml.tokens"))]
         if not tokens:
             raise ModelFormatError(source, "tokenizer.ggml.tokens is missing or empty")
+        for i, t in enumerate(tokens):
+            if not t.isascii() and not _is_utf8(t):
+                raise ModelFormatError(source, f"tokenizer.ggml.tokens[{i}] is not valid UTF-8")
         types = _as_list(md.get("tokenizer.ggml.token_type"))
         types = [int(t) for t in types] if types else [TOKEN_NORMAL] * len(tokens)
         if len(types) != len(tokens):
@@ -388,6 +391,15 @@ def _stop_ids(tokens: Sequence[str], special_ids: dict[str, int], eos_id: int | 
 # below 256 -> U+FFFF, so that latin-1 encoding fails and _piece_bytes takes its slow path.
 _TO_LATIN1 = {ord(c): chr(b) for c, b in _UNICODE_TO_BYTE.items()}
 _TO_LATIN1.update({cp: "\uffff" for cp in range(256) if chr(cp) not in _UNICODE_TO_BYTE})
+
+
+def _is_utf8(text: str) -> bool:
+    """False for the lone surrogates that stand for undecodable bytes in a file's strings."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _piece_bytes(token: str, token_type: int) -> bytes:

@@ -7,8 +7,6 @@
   that harness built as a plain program against the engine's library (TERN_NATIVE_LIB if set:
   scripts/sanitize-tests.sh points it at the ASan+UBSan build): it exits 0, within time and
   memory bounds, on every input.
-- tests/fuzz_corpus/gguf-findings: inputs that found a fault not fixed yet (see the xfail
-  reason); once fixed, the strict xfail fails: move the files into gguf/ and drop the marker.
 (native/fuzz/corpus, the corpus of the library's own tern_fuzz_model entry, is replayed by
 tests/test_native_model.py.)
 """
@@ -64,17 +62,6 @@ def test_gguf_corpus_gives_typed_errors_or_loads(bases, tmp_path):
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     # The corpus reaches every stage: files that run, and files refused at each level.
     assert {"ran", "reader error", "load error"} <= set(outcomes), outcomes
-
-
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason=(
-    "engine/tokenizer.py _piece_bytes encodes token strings with 'utf-8' strictly, but the GGUF "
-    "reader keeps undecodable bytes as surrogates (surrogateescape): a vocabulary entry with "
-    "invalid UTF-8 raises UnicodeEncodeError instead of loading or a ModelFormatError"))
-def test_open_findings_give_typed_errors_or_load(bases, tmp_path):
-    path = tmp_path / "input.bin"
-    for inp in sorted((CORPUS / "gguf-findings").iterdir()):
-        path.write_bytes(fuzz_atheris.decode_input(inp.read_bytes(), bases))
-        fuzz_atheris.exercise(path)
 
 
 @pytest.fixture(scope="module")
