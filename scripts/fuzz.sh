@@ -52,16 +52,17 @@ merge_into() {
 
 # fuzz_one HARNESS KEPT SECONDS: run one libFuzzer harness, then merge its finds into KEPT.
 fuzz_one() {
-    local harness=$1 kept=$2 secs=$3 run=$WORK/$1
+    local harness=$1 kept=$2 secs=$3 run=$WORK/$1 rc=0
     mkdir -p "$run" "$kept"
     local seeds=()
     [ "$harness" = fuzz_params ] && seeds=("$WORK/seeds/native")
     ASAN_OPTIONS=detect_leaks=1 nice -n 19 build/fuzz/$harness -max_len=2048 -len_control=0 -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$ART/$harness-" "${EXTRA[@]}" \
-        -max_total_time="$secs" "$run" "$kept" "${seeds[@]}" > "$WORK/$harness.log" 2>&1 \
-        || { tail -40 "$WORK/$harness.log"; return 1; }
-    tail -12 "$WORK/$harness.log"
+        -max_total_time="$secs" "$run" "$kept" "${seeds[@]}" > "$WORK/$harness.log" 2>&1 || rc=$?
+    tail -"$([ "$rc" = 0 ] && echo 12 || echo 40)" "$WORK/$harness.log"
+    # what was found is kept even after a crash (crashing inputs never enter the run corpus)
     merge_into "$kept" "$run" build/fuzz/$harness -max_len=2048 -timeout=10
+    return "$rc"
 }
 
 # native/fuzz/fuzz_model.c (the library's own tern_fuzz_model entry, corpus native/fuzz/corpus)
@@ -73,15 +74,16 @@ run_native() {
 
 run_atheris() {
     build_release
-    local run=$WORK/atheris
+    local run=$WORK/atheris rc=0
     mkdir -p "$run"
     TERN_NATIVE_LIB=$ROOT/build/fuzz-release/libtern.so nice -n 19 "$PY" tests/fuzz_atheris.py \
         -max_len=4096 -timeout=20 -rss_limit_mb=3072 -print_final_stats=1 -artifact_prefix="$ART/atheris-" "${EXTRA[@]}" \
         -max_total_time="$SECONDS_EACH" "$run" tests/fuzz_corpus/gguf "$WORK/seeds/gguf" \
-        > "$WORK/atheris.log" 2>&1 || { tail -40 "$WORK/atheris.log"; return 1; }
-    tail -12 "$WORK/atheris.log"
+        > "$WORK/atheris.log" 2>&1 || rc=$?
+    tail -"$([ "$rc" = 0 ] && echo 12 || echo 40)" "$WORK/atheris.log"
     TERN_NATIVE_LIB=$ROOT/build/fuzz-release/libtern.so merge_into tests/fuzz_corpus/gguf "$run" \
         "$PY" tests/fuzz_atheris.py -max_len=4096 -timeout=20
+    return "$rc"
 }
 
 seeds
