@@ -41,13 +41,16 @@ build_release() {
     nice -n 10 cmake --build build/fuzz-release -j 2 > "$WORK/build-release.log"
 }
 
-# merge_into KEPT RUN_DIR CMD...: minimize KEPT + RUN_DIR into KEPT (libFuzzer -merge=1).
+# merge_into KEPT RUN_DIR CMD...: minimize KEPT + RUN_DIR into KEPT (libFuzzer -merge=1). Files
+# named by hand (reproducers of fixed faults) stay; libFuzzer's own (SHA-1 names) are replaced.
 merge_into() {
     local kept=$1 run=$2; shift 2
     local fresh=$WORK/merged-$(basename "$kept")
     rm -rf "$fresh" && mkdir -p "$fresh" "$kept"
     nice -n 19 "$@" -merge=1 "$fresh" "$kept" "$run" > "$WORK/merge-$(basename "$kept").log" 2>&1
-    rm -f "$kept"/* && cp "$fresh"/* "$kept"/
+    find "$kept" -maxdepth 1 -type f -regextype posix-extended -regex '.*/[0-9a-f]{40}' -delete
+    find "$fresh" -maxdepth 1 -type f -regextype posix-extended -regex '.*/[0-9a-f]{40}' \
+        -exec cp {} "$kept"/ \;
 }
 
 # fuzz_one HARNESS KEPT SECONDS: run one libFuzzer harness, then merge its finds into KEPT.
