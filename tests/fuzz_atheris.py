@@ -19,6 +19,7 @@ tests/test_fuzz_corpus.py replays the kept corpus (tests/fuzz_corpus/gguf) throu
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import sys
 import tempfile
@@ -136,7 +137,7 @@ def exercise(path: Path) -> str:
             session.forward([0, 1 % model.hparams.n_vocab])
         return "ran"
     except TernError:
-        return "native error"
+        return "refused after load"
     finally:
         model.close()
 
@@ -178,9 +179,9 @@ def main(argv: list[str]) -> None:
     # comes from TERN_NATIVE_LIB.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
-    work = Path(tempfile.mkdtemp(prefix="tern-atheris-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     if argv[1:2] == ["--make-seeds"]:
-        make_seeds(Path(argv[2]), load_bases(work))
+        with tempfile.TemporaryDirectory(prefix="tern-atheris-") as work:
+            make_seeds(Path(argv[2]), load_bases(Path(work)))
         return
     import atheris
 
@@ -190,11 +191,17 @@ def main(argv: list[str]) -> None:
         import engine.native  # noqa: F401
         import engine.quants  # noqa: F401
         import engine.tokenizer  # noqa: F401
-    bases = load_bases(work)
-    target = work / "input.bin"
+    with tempfile.TemporaryDirectory(prefix="tern-atheris-") as work:
+        bases = load_bases(Path(work))
+    # The input file lives in memory and goes with the process: libFuzzer leaves by exit(),
+    # which runs no Python clean-up (fork mode starts a process per job).
+    fd = os.memfd_create("tern-atheris-input")
+    target = Path(f"/proc/self/fd/{fd}")
 
     def one_input(data: bytes) -> None:
-        target.write_bytes(decode_input(data, bases))
+        file_bytes = decode_input(data, bases)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, file_bytes, 0)
         exercise(target)
 
     atheris.Setup(argv, one_input)
