@@ -58,7 +58,11 @@ def native_seed(path: Path, flags: int, lm_head: int, kv_type: int, fill: bool, 
 
 
 def main(out_dir: Path) -> None:
-    work = Path(tempfile.mkdtemp(prefix="tern-seeds-"))
+    with tempfile.TemporaryDirectory(prefix="tern-seeds-") as tmp:
+        write_seeds(out_dir, Path(tmp))
+
+
+def write_seeds(out_dir: Path, work: Path) -> None:
     bases = fuzz_atheris.load_bases(work)
     fuzz_atheris.make_seeds(out_dir / "gguf", bases)
     native, real = out_dir / "native", out_dir / "native-real"
