@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from engine.chat import BitNetChatFormat
@@ -32,6 +33,7 @@ _REMEMBERED_REPLIES = 256   # exact ids kept for this many recent replies
 # Stop answers within one chunk's time even during a long prefill. The native library works in
 # chunks of 128 itself (TERN_CHUNK), so this costs it nothing.
 PREFILL_CHUNK = 128
+CANCEL_POLL_S = 0.02        # how often a running prefill looks at the cancel flag
 
 
 class InvalidRequestError(TernError, ValueError):
@@ -84,6 +86,31 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+@contextmanager
+def _forward_interrupted_by(cancel: threading.Event | None, decoder) -> Iterator[None]:
+    """While the prompt runs, a set `cancel` also stops the decoder's forward in flight: one
+    128-token chunk of a 2B model takes longer than the app's 100 ms budget for Stop."""
+    interrupt = getattr(decoder, "cancel", None)
+    if cancel is None or interrupt is None:
+        yield
+        return
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            if cancel.wait(CANCEL_POLL_S):
+                interrupt()      # harmless if the forward just ended: the next one clears it
+                return
+
+    watcher = threading.Thread(target=watch, name="tern-prefill-cancel", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
 
 
 class ChatSession:
@@ -252,6 +279,15 @@ class ChatSession:
         self.counters["last_prefilled_tokens"] = 0
         start = time.perf_counter()
         logits = None
+        with _forward_interrupted_by(cancel, self.decoder):
+            logits = self._prefill_chunks(prompt, keep, stats, cancel)
+        stats.prefill_s = time.perf_counter() - start
+        stats.prefill_tps = stats.prefilled_tokens / stats.prefill_s if stats.prefill_s > 0 else 0.0
+        return logits
+
+    def _prefill_chunks(self, prompt: list[int], keep: int, stats: GenerationStats,
+                        cancel: threading.Event | None):
+        logits = None
         for chunk_start in range(keep, len(prompt), PREFILL_CHUNK):
             if cancel is not None and cancel.is_set():
                 logits = None
@@ -265,8 +301,6 @@ class ChatSession:
             stats.prefilled_tokens += len(chunk)
             self.counters["last_prefilled_tokens"] += len(chunk)
             self.counters["prefilled_tokens_total"] += len(chunk)
-        stats.prefill_s = time.perf_counter() - start
-        stats.prefill_tps = stats.prefilled_tokens / stats.prefill_s if stats.prefill_s > 0 else 0.0
         return logits
 
     def _decode_loop(self, logits, params: SamplerParams, budget: int, max_tokens: int,
