@@ -33,7 +33,7 @@ _REMEMBERED_REPLIES = 256   # exact ids kept for this many recent replies
 # Stop answers within one chunk's time even during a long prefill. The native library works in
 # chunks of 128 itself (TERN_CHUNK), so this costs it nothing.
 PREFILL_CHUNK = 128
-CANCEL_POLL_S = 0.02        # how often a running prefill looks at the cancel flag
+CANCEL_POLL_S = 0.02        # how often the prefill watcher looks whether the prefill has ended
 
 
 class InvalidRequestError(TernError, ValueError):
