@@ -51,14 +51,18 @@ norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restr
     __shared__ int si[32];
     const int t = blockIdx.x;
     const float *row = x + (int64_t)t * ldx;
-    grid_wait();
     float v[kNormPerThread], wv[kNormPerThread], up[kNormPerThread];
+#pragma unroll
+    for (int j = 0; j < kNormPerThread; j++) /* the norm weights are constant: before the wait */
+        wv[j] = threadIdx.x + j * kNormThreads < width ? w[threadIdx.x + j * kNormThreads] : 0.0f;
+    if (gridDim.x == 1) /* one token: the next GEMV's weight loads overlap this kernel */
+        grid_launch_dependents();
+    grid_wait();
 #pragma unroll
     for (int j = 0; j < kNormPerThread; j++) {
         const int i = threadIdx.x + j * kNormThreads;
         const bool in = i < width;
         v[j] = in ? row[i] : 0.0f;
-        wv[j] = in ? w[i] : 0.0f;
         up[j] = GLU && in ? row[width + i] : 0.0f;
     }
     float ss = 0.0f;
@@ -179,6 +183,8 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gs = n_head / n_head_kv;
     const int h = grp * gs + warp;
     const int64_t kv_dim = (int64_t)n_head_kv * HD, e = (int64_t)n_head * HD;
+    if (gridDim.y == 1) /* one token */
+        grid_launch_dependents();
     grid_wait();
     const int npos = *pos0 + t + 1;
     const int chunk = (npos + nsplit - 1) / nsplit, p0 = sp * chunk;
