@@ -44,7 +44,9 @@ def register(subparsers) -> None:
                    help="tokenizer directory used to write peer files (the model's vocabulary)")
     p.add_argument("--fill-ctx", action="store_true",
                    help="also fill the whole KV cache (--ctx tokens) and report that peak RSS")
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the full report as JSON")
+    out.add_argument("--markdown", action="store_true", help="print a results table (README)")
     p.set_defaults(func=run)
 
 
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
+    elif args.markdown:
+        sys.stdout.write(format_markdown(report, opts))
     else:
         sys.stdout.write(format_report(report, opts))
     return 0
@@ -91,3 +95,24 @@ def format_report(report: dict, opts: BenchOptions) -> str:
         lines.append(f"{name}: " + ", ".join(f"{k[:-4]} x{v['median']:.2f} (best x{v['best']:.2f})"
                                              for k, v in r.items()))
     return "\n".join(lines) + "\n"
+
+
+def format_markdown(report: dict, opts: BenchOptions) -> str:
+    """One table row per engine: median (best) of each figure."""
+    tg, ttft = f"tg{opts.tg}_tps", f"ttft{max(opts.pp)}_s"
+    pps = [f"pp{n}_tps" for n in opts.pp]
+    head = (["engine", "file", "LM head", "threads"] + [k[:-4] + " tok/s" for k in pps]
+            + [tg[:-4] + " tok/s", "TTFT " + ttft[4:-2] + " s", "decode GB/s (of probe)",
+               "peak RSS MiB", "load s"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in report["engines"]:
+        frac = e["decode_bandwidth_fraction"]
+        cells = [f"{e['engine']} [{e['kernel']}]", Path(e["model"]).name, e.get("lm_head", "file's"),
+                 str(report["threads"])]
+        cells += [f"{e[k]['median']:.1f} ({e[k]['best']:.1f})" for k in pps + [tg]]
+        cells.append(f"{e[ttft]['median']:.2f} ({e[ttft]['best']:.2f})")
+        cells.append(f"{e['decode_gbps']['median']:.1f} ({100 * frac['median']:.0f}%)")
+        cells += [f"{e['peak_rss_bytes'] / 2**20:.0f}", f"{e['load_s']:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    bw = ", ".join(f"{t} thread(s) {v:.1f} GB/s" for t, v in report["bandwidth_gbps"].items())
+    return "\n".join(rows) + f"\n\nMeasured read bandwidth (best probe): {bw}.\n"

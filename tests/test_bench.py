@@ -43,6 +43,9 @@ def test_bench_native_both_lm_heads(capsys, tiny_model_path):
     assert report["machine"]["logical_cpus"] >= 1
     bw = report["bandwidth_gbps"]
     assert set(bw) == {"1", "2"} and all(0.1 < v < 10_000 for v in bw.values())
+    # probed before the first engine and after each: the limit is the best sample
+    samples = report["bandwidth_samples_gbps"]
+    assert all(len(samples[t]) == 3 and bw[t] == max(samples[t]) for t in bw)
     engines = report["engines"]
     assert [(e["engine"], e["lm_head"]) for e in engines] == [("tern native", "int8"), ("tern native", "f16")]
     for e in engines:
@@ -87,3 +90,15 @@ def test_bad_arguments_are_errors(capsys, tiny_model_path):
     assert "at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--model", str(path), "--lm-head", "int4"])
+
+
+def test_markdown_table_has_a_row_per_engine(capsys, tiny_model_path):
+    path = tiny_model_path("i2_s", tokenizer=False)
+    assert main(["bench", "--model", str(path), "--repeat", "1", "--tg", "4", "--probe-mb", "64",
+                 "--lm-head", "int8,f16", "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + 2
+    assert table[0].count("|") == table[2].count("|") == table[3].count("|")
+    assert "int8" in table[2] and "f16" in table[3]
+    assert any(line.startswith("Measured read bandwidth (best probe): 1 thread(s)") for line in lines)
