@@ -7,9 +7,11 @@ Tensor data is never copied: `tensor_bytes()` returns a memoryview into the mmap
 """
 from __future__ import annotations
 
+import array
 import logging
 import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,40 @@ class _Cursor:
 # ---------------------------------------------------------------------------------------------
 # the reader
 # ---------------------------------------------------------------------------------------------
+LAZY_STRING_ARRAY = 4096     # string arrays at least this long are decoded on access
+
+
+class StringArray(Sequence):
+    """A long string array of the header (a vocabulary's tokens and merges), kept as its packed
+    bytes and decoded on access: as ~400k Python strings it would hold ~40 MB for the life of a
+    model whose tokenizer is built once; packed it is ~5 MB (and independent of the mapping)."""
+
+    def __init__(self, buf: bytes, offsets: np.ndarray):
+        self._buf = buf                  # the array's bytes: u64 length + UTF-8 text, repeated
+        self._offsets = offsets          # (n,) int64: where each string's u64 length starts
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        pos = int(self._offsets[index])
+        (length,) = struct.unpack_from("<Q", self._buf, pos)
+        return str(self._buf[pos + 8:pos + 8 + length], "utf-8", "surrogateescape")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, tuple, StringArray)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"StringArray({len(self)} strings)"
+
+
 class GGUFFile:
     """An open GGUF file: `metadata` (key -> value), `kv_types` (key -> value type, or
     (ARRAY, element type)), `tensors` (name -> TensorInfo, in file order), and the data
@@ -272,10 +308,11 @@ class GGUFFile:
         return [v for v, _ in items], (ValueType.ARRAY, etype)
 
     @staticmethod
-    def _read_string_array(cur: _Cursor, key: str, count: int) -> list[str]:
+    def _read_string_array(cur: _Cursor, key: str, count: int) -> "list[str] | StringArray":
         # The hot loop of header parsing (128k tokens, 280k merges): kept tight on purpose.
         buf, pos, end = cur.buf, cur.pos, cur.end
-        out = []
+        lazy = count >= LAZY_STRING_ARRAY
+        out = array.array("q") if lazy else []
         unpack = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > end:
@@ -286,10 +323,14 @@ class GGUFFile:
             if length > end - pos:
                 cur.pos = pos
                 cur.fail(f"metadata key {key!r}: string length {length} exceeds the {end - pos} bytes left in the file")
-            out.append(str(buf[pos:pos + length], "utf-8", "surrogateescape"))
+            out.append(pos - 8 if lazy else str(buf[pos:pos + length], "utf-8", "surrogateescape"))
             pos += length
         cur.pos = pos
-        return out
+        if not lazy:
+            return out
+        first = out[0] if count else cur.pos
+        offsets = np.frombuffer(out, dtype=np.int64) - first
+        return StringArray(bytes(buf[first:cur.pos]), offsets)
 
     def _alignment(self, cur: _Cursor) -> int:
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from engine.gguf_file import DEFAULT_ALIGNMENT, GGUF_MAGIC, SCALAR_DTYPES, ValueType, tensor_nbytes
@@ -64,8 +66,9 @@ def infer_type(value: Any) -> Typed:
     if isinstance(value, np.ndarray):
         etype = ValueType.BOOL if value.dtype == np.bool_ else _DTYPE_TO_VTYPE[value.dtype.newbyteorder("<")]
         return Typed(ValueType.ARRAY, value, etype)
-    if isinstance(value, (list, tuple)):
-        return Typed(ValueType.ARRAY, list(value), _list_elem_type(value))
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):   # list, tuple, StringArray
+        value = list(value)
+        return Typed(ValueType.ARRAY, value, _list_elem_type(value))
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
 
 
