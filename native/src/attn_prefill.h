@@ -1,6 +1,7 @@
-/* Causal attention of a block of prompt tokens over an f16 KV cache, for the query heads of
- * one KV group (helper H4b; attn_prefill.c). Decode (one token) keeps the per-head path in
- * forward.c: batching only pays when several tokens share each converted K/V row.
+/* Causal attention of a block of tokens over an f16 KV cache, for the query heads of one KV
+ * group (helper H4b; attn_prefill.c). Each converted K/V row serves every query row of the
+ * block (tokens x the group's heads), which is what makes it pay for prompts; forward.c also
+ * uses it for one decoded token (one pass over K/V for the group's heads).
  *
  * Token t (0 <= t < n) is at absolute position first + t and attends to cached positions
  * 0..first+t (which must already hold its own K/V). For head i of the group:
