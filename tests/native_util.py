@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from engine import native
 
@@ -61,3 +62,36 @@ def fuzz_seed(ternary_type_index: int = 0, embd_type_index: int = 3, wide: bool 
 # (ternary type index, embedding type index, wide, file bytes) of the kept seeds
 FUZZ_SEEDS = [(0, 3, False, 16384), (1, 3, True, 20480), (2, 4, True, 20480), (3, 5, False, 40960),
               (4, 6, False, 40960), (5, 7, False, 70000), (0, 8, True, 20480)]
+
+
+REAL_SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]   # BitNet 2B4T's BitLinears
+
+
+def assert_equal_int(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """Exact integer equality, reporting the first mismatching token and row."""
+    if not np.array_equal(got, want):
+        bad = np.argwhere(got != want)
+        t, r = bad[0]
+        pytest.fail(f"{what}: {len(bad)} mismatches, first at token {t} row {r}: "
+                    f"got {got[t, r]} want {want[t, r]}")
+
+
+def teacher_ids(n_vocab: int, n: int = 256, seed: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_vocab, n)
+
+
+def top5_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    ta, tb = np.argsort(-a, axis=1)[:, :5], np.argsort(-b, axis=1)[:, :5]
+    return float(np.mean([set(x) == set(y) for x, y in zip(ta, tb)]))
+
+
+def greedy(decoder, prompt, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and the top-1/top-2 margin at each step."""
+    logits = decoder.forward(prompt)
+    tokens, margins = [], []
+    for _ in range(steps):
+        top2 = np.sort(logits)[-2:]
+        tokens.append(int(np.argmax(logits)))
+        margins.append(float(top2[1] - top2[0]))
+        logits = decoder.forward([tokens[-1]])
+    return tokens, margins

@@ -20,7 +20,7 @@ from engine import cuda, native
 from engine.errors import ContextOverflowError, NativeError
 from engine.model import load_model
 from engine.reference import ReferenceDecoder
-from native_util import exact_dot, pack_t2, random_int8, random_ternary
+from native_util import exact_dot, greedy, pack_t2, random_int8, random_ternary, teacher_ids, top5_agreement
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ["i2_s", "tq1_0", "tq2_0", "f16", "bf16", "f32"]
@@ -37,24 +37,10 @@ def byte_model(tiny_model_path):
     return lambda fmt, **kw: tiny_model_path(fmt, tokenizer=False, **kw)
 
 
-def teacher_ids(n_vocab: int, n: int = N_TEACHER, seed: int = 5) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n_vocab, n)
 
 
-def top5_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    ta, tb = np.argsort(-a, axis=1)[:, :5], np.argsort(-b, axis=1)[:, :5]
-    return float(np.mean([set(x) == set(y) for x, y in zip(ta, tb)]))
 
 
-def greedy(decoder, prompt, steps: int) -> tuple[list[int], list[float]]:
-    logits = decoder.forward(prompt)
-    tokens, margins = [], []
-    for _ in range(steps):
-        top2 = np.sort(logits)[-2:]
-        tokens.append(int(np.argmax(logits)))
-        margins.append(float(top2[1] - top2[0]))
-        logits = decoder.forward([tokens[-1]])
-    return tokens, margins
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 
 from engine import native
-from tests.native_util import host_variants, pack_t2, random_int8, random_ternary
+from tests.native_util import REAL_SHAPES, assert_equal_int, host_variants, pack_t2, random_int8, random_ternary
 
 GEMM_VARIANTS = [v for v in host_variants() if v in ("avx512-vnni", "amx")]
-REAL_SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
 
 
-def assert_equal_int(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    if not np.array_equal(got, want):
-        bad = np.argwhere(got != want)
-        t, r = bad[0]
-        pytest.fail(f"{what}: {len(bad)} mismatches, first at token {t} row {r}: "
-                    f"got {got[t, r]} want {want[t, r]}")
 
 
 def check(variant: str, op: str, w: np.ndarray, rows: int, k: int, x: np.ndarray,

@@ -10,20 +10,14 @@ import numpy as np
 import pytest
 
 from engine import native
-from tests.native_util import exact_dot, host_variants, pack_t2, random_int8, random_ternary
+from tests.native_util import (REAL_SHAPES, assert_equal_int, exact_dot, host_variants, pack_t2, random_int8,
+                               random_ternary)
 
 VARIANTS = host_variants()
 SIMD = [v for v in VARIANTS if v != "scalar"]
 TAILS = list(range(1, 258))
-REAL_SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
 
 
-def assert_equal_int(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    if not np.array_equal(got, want):
-        bad = np.argwhere(got != want)
-        t, r = bad[0]
-        pytest.fail(f"{what}: {len(bad)} mismatches, first at token {t} row {r}: "
-                    f"got {got[t, r]} want {want[t, r]}")
 
 
 def test_scalar_matches_numpy_on_the_layout():

@@ -14,6 +14,7 @@ from engine.errors import CancelledError, ContextOverflowError, ModelFormatError
 from engine.model import load_model
 from engine.reference import (ACTIVATIONS, apply_rope, bitlinear, causal_attention, rms_norm,
                               rope_tables, ReferenceDecoder)
+from tests.native_util import greedy, teacher_ids, top5_agreement
 
 FORMATS = ["i2_s", "tq1_0", "tq2_0", "f16", "bf16", "f32"]
 N_TEACHER = 256
@@ -32,25 +33,10 @@ def byte_model(tiny_model_path):
     return lambda fmt, **kw: tiny_model_path(fmt, tokenizer=False, **kw)
 
 
-def teacher_ids(n_vocab: int, n: int = N_TEACHER, seed: int = 5) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n_vocab, n)
 
 
-def top5_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    ta, tb = np.argsort(-a, axis=1)[:, :5], np.argsort(-b, axis=1)[:, :5]
-    return float(np.mean([set(x) == set(y) for x, y in zip(ta, tb)]))
 
 
-def greedy(decoder, prompt, steps: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and the top-1/top-2 margin at each step."""
-    logits = decoder.forward(prompt)
-    tokens, margins = [], []
-    for _ in range(steps):
-        top2 = np.sort(logits)[-2:]
-        tokens.append(int(np.argmax(logits)))
-        margins.append(float(top2[1] - top2[0]))
-        logits = decoder.forward([tokens[-1]])
-    return tokens, margins
 
 
 @pytest.mark.parametrize("threads", [1, 2])
