@@ -49,6 +49,25 @@ static int run_file(const char *path)
     return 0;
 }
 
+/* The peak resident set of this program alone, as "peak_rss_kb N" (Linux). getrusage's maxrss
+ * would not do: it keeps the high-water mark of the process image before exec, i.e. of the
+ * (large) test process that forked this one. */
+static void print_peak_rss(void)
+{
+#ifdef __linux__
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f)
+        return;
+    char line[256];
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %255[0-9]", line) == 1) {
+            printf("peak_rss_kb %s\n", line);
+            break;
+        }
+    fclose(f);
+#endif
+}
+
 int main(int argc, char **argv)
 {
     int failed = 0;
@@ -57,5 +76,6 @@ int main(int argc, char **argv)
             fprintf(stderr, "cannot read %s\n", argv[i]);
             failed = 1;
         }
+    print_peak_rss();
     return failed;
 }
