@@ -23,17 +23,26 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `command` alone: a command imports only what it needs
+    (`bench` measures the process's resident memory; `download` pulls in the HTTP stack)."""
     parser = argparse.ArgumentParser(prog="python -m engine", description="Tern engine command line")
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    wanted = f"engine.cmd_{command.replace('-', '_')}" if command else None
+    modules = [wanted] if wanted in COMMAND_MODULES else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def _command_word(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_word(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
