@@ -24,6 +24,7 @@ import numpy as np
 import llama_cpp.llama_cpp as ll  # ImportError here means: llama-cpp-python is not installed
 
 from engine.errors import ContextOverflowError, ModelFormatError, OutOfMemoryError, TernError
+from engine.tokenizer import SpecialTokens
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _init_backend() -> None:
 # Tokenizer over the model's own vocabulary
 # ---------------------------------------------------------------------------------------------
 
-class LlamaCppTokenizer:
+class LlamaCppTokenizer(SpecialTokens):
     """The interface of engine.tokenizer.Tokenizer, answered by llama.cpp's tokenizer (which
     knows SentencePiece, BPE pre-tokenizers and the rest that the model file names)."""
 
@@ -85,11 +86,6 @@ class LlamaCppTokenizer:
         self._special_set = frozenset(self._special_ids.values())
         eos = ll.llama_vocab_eos(vocab)
         self.eos_id = eos if eos >= 0 else None
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """Spelling → id of every control and end-of-generation token."""
-        return dict(self._special_ids)
 
     def token_text(self, token_id: int) -> str:
         return ll.llama_vocab_get_text(self._vocab, token_id).decode("utf-8", errors="replace")
@@ -111,15 +107,6 @@ class LlamaCppTokenizer:
                 raise ModelFormatError("<tokenizer>", "the vocabulary declares no BOS token")
             ids.insert(0, self.bos_id)
         return ids
-
-    def encode_special(self, name: str) -> int:
-        try:
-            return self._special_ids[name]
-        except KeyError:
-            raise KeyError(f"the vocabulary has no special token {name!r}") from None
-
-    def has_special(self, name: str) -> bool:
-        return name in self._special_ids
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_set

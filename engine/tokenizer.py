@@ -198,7 +198,28 @@ def gguf_metadata_byte_vocab(specials: Sequence[str] = (LLAMA3_BOS, LLAMA3_END_O
 # GGUF metadata -> Tokenizer
 # ---------------------------------------------------------------------------------------------
 
-class Tokenizer:
+class SpecialTokens:
+    """Lookups by spelling over `_special_ids` (spelling -> id), shared by Tern's tokenizer and
+    the llama.cpp one."""
+    _special_ids: dict[str, int]
+
+    def encode_special(self, name: str) -> int:
+        """Id of the special token spelt `name`, e.g. '<|eot_id|>'. KeyError if absent."""
+        try:
+            return self._special_ids[name]
+        except KeyError:
+            raise KeyError(f"the vocabulary has no special token {name!r}") from None
+
+    def has_special(self, name: str) -> bool:
+        return name in self._special_ids
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Spelling -> id of every special token."""
+        return dict(self._special_ids)
+
+
+class Tokenizer(SpecialTokens):
     """Byte-level BPE over a GGUF vocabulary. Build with `Tokenizer.from_gguf_metadata(md)`."""
 
     def __init__(self, tokens: list[str], token_types: list[int], merges: list[tuple[str, str]],
@@ -256,21 +277,6 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._hf.encode_batch([_encodable(t) for t in texts], add_special_tokens=False)]
-
-    def encode_special(self, name: str) -> int:
-        """Id of the special (control) token spelt `name`, e.g. '<|eot_id|>'. KeyError if absent."""
-        try:
-            return self._special_ids[name]
-        except KeyError:
-            raise KeyError(f"the vocabulary has no special token {name!r}") from None
-
-    def has_special(self, name: str) -> bool:
-        return name in self._special_ids
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        """Spelling -> id of every special (control) token."""
-        return dict(self._special_ids)
 
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.n_vocab and self._types[token_id] == TOKEN_CONTROL
