@@ -1,10 +1,7 @@
-/* NEON GEMVs (AArch64 baseline, ARMv8.0: no dotprod needed). T2: the 2-bit codes minus one
- * give the signed weights directly, multiplied by the activations with widening vmull_s8 and
- * pairwise-accumulated into int32 lanes (every product fits int16: |w * x| <= 128). Two rows
- * per pass share the activation loads. Int8: the same with q in place of w (|q * x| <= 16384). */
+/* NEON GEMVs (AArch64 baseline, ARMv8.0: no dotprod needed). The signed weights (T2 codes minus
+ * one) or int8 head values are multiplied by the activations with widening vmull_s8 and
+ * pairwise-accumulated into int32 lanes (every product fits int16: |q * x| <= 16384). */
 #include <arm_neon.h>
-
-#include "kernels.h"
 
 static inline int32x4_t mla_s8(int32x4_t acc, int8x16_t a, int8x16_t b)
 {
@@ -12,59 +9,6 @@ static inline int32x4_t mla_s8(int32x4_t acc, int8x16_t a, int8x16_t b)
     return vpadalq_s16(acc, vmull_high_s8(a, b));
 }
 
-/* One 128-weight block of one row: half h covers bytes 16h..16h+15 of the block. */
-static inline int32x4_t block_dot(int32x4_t acc, const uint8_t *blk, const int8_t *xb)
-{
-    const uint8x16_t three = vdupq_n_u8(3);
-    const int8x16_t one = vdupq_n_s8(1);
-    for (int h = 0; h < 2; h++) {
-        const uint8x16_t v = vld1q_u8(blk + 16 * h);
-        const uint8x16_t c[4] = {vshrq_n_u8(v, 6), vandq_u8(vshrq_n_u8(v, 4), three),
-                                 vandq_u8(vshrq_n_u8(v, 2), three), vandq_u8(v, three)};
-        for (int g = 0; g < 4; g++) {
-            const int8x16_t w = vsubq_s8(vreinterpretq_s8_u8(c[g]), one);
-            acc = mla_s8(acc, w, vld1q_s8(xb + 32 * g + 16 * h));
-        }
-    }
-    return acc;
-}
-
-void tern_gemv_t2_neon(const uint8_t *w, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
-                       int64_t r1)
-{
-    const int64_t rb = tern_t2_row_bytes(k), nb = k / TERN_T2_BLOCK;
-    int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) {
-        const uint8_t *row = w + r * rb;
-        int32x4_t a0 = vdupq_n_s32(0), a1 = a0;
-        for (int64_t b = 0; b < nb; b++) {
-            const int8_t *xb = x + b * TERN_T2_BLOCK;
-            a0 = block_dot(a0, row + b * TERN_T2_BLOCK_BYTES, xb);
-            a1 = block_dot(a1, row + rb + b * TERN_T2_BLOCK_BYTES, xb);
-        }
-        y[r] = vaddvq_s32(a0);
-        y[r + 1] = vaddvq_s32(a1);
-    }
-    for (; r < r1; r++) {
-        int32x4_t a = vdupq_n_s32(0);
-        for (int64_t b = 0; b < nb; b++)
-            a = block_dot(a, w + r * rb + b * TERN_T2_BLOCK_BYTES, x + b * TERN_T2_BLOCK);
-        y[r] = vaddvq_s32(a);
-    }
-}
-
-void tern_gemv_i8_neon(const int8_t *q, int64_t k, const int8_t *x, int32_t *y, int64_t r0,
-                       int64_t r1)
-{
-    for (int64_t r = r0; r < r1; r++) {
-        const int8_t *row = q + r * k;
-        int32x4_t acc = vdupq_n_s32(0);
-        int64_t i = 0;
-        for (; i + 16 <= k; i += 16)
-            acc = mla_s8(acc, vld1q_s8(row + i), vld1q_s8(x + i));
-        int32_t s = vaddvq_s32(acc);
-        for (; i < k; i++) /* tail: plain C, as the scalar kernel */
-            s += (int32_t)row[i] * x[i];
-        y[r] = s;
-    }
-}
+#define MAC16(acc, a, b) mla_s8((acc), (a), (b))
+#define NEON_NAME(f) f##_neon
+#include "kernels_neon_body.h"
