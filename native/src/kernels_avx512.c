@@ -6,7 +6,12 @@
 
 #include "kernels.h"
 
-#define PREFETCH_AHEAD 1024 /* bytes ahead in each row stream */
+/* Each pass reads four rows side by side; every load also prefetches the same spot of the next
+ * four rows. A row of 2B4T is short (640 or 1728 bytes of codes), too short for the hardware
+ * streamer to run ahead of four interleaved streams; a fixed distance along the row landed in
+ * rows this pass was about to read anyway. One group ahead measured +5% (T2) and +4% (int8
+ * head) decode tokens/s on 2 threads of the 2-vCPU SPR host. */
+#define PREFETCH_GROUPS 1
 
 static int32_t sum_i8(const int8_t *x, int64_t k)
 {
@@ -92,7 +97,7 @@ static inline __attribute__((always_inline)) void rows_n(const uint8_t *row, int
             load_x_pair(x + b * TERN_T2_BLOCK, xv);
             const uint8_t *p = row + b * TERN_T2_BLOCK_BYTES;
             for (int r = 0; r < nr; r++) {
-                _mm_prefetch((const char *)(p + r * rb + PREFETCH_AHEAD), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + (r + 4 * PREFETCH_GROUPS) * rb), _MM_HINT_T0);
                 dot_codes(&a[r], _mm512_loadu_si512(p + r * rb), xv);
             }
         }
@@ -143,7 +148,7 @@ static void i8_rows(const int8_t *q, int64_t k, const int8_t *x, int32_t xsum, i
         const __m512i xv = _mm512_maskz_loadu_epi8(m, x + i);
         for (int j = 0; j < nr; j++) {
             const __m512i qu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + j * k + i), flip);
-            _mm_prefetch((const char *)(q + j * k + i + PREFETCH_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + (j + 4 * PREFETCH_GROUPS) * k + i), _MM_HINT_T0);
             acc[j] = _mm512_dpbusd_epi32(acc[j], qu, xv);
         }
     }
