@@ -83,8 +83,9 @@ typedef struct tern_model_params {
     const void *file_base; /* the whole mapped file: every matrix must lie inside it */
     uint64_t file_size;
     int32_t release_sources; /* 1: file_base is a read-only file mapping; after repacking, the
-                              * pages of sources no longer needed leave the resident set
-                              * (madvise DONTNEED: they are re-read from the file if touched) */
+                              * pages of sources no longer needed, and of the header before the
+                              * first tensor, leave the resident set (madvise DONTNEED: they are
+                              * re-read from the file if touched) */
     tern_matrix token_embd; /* n_vocab x n_embd: F32, F16, BF16, Q8_0, Q4_0 or Q6_K */
     tern_matrix output;     /* separate LM head of the same shape, or data == NULL (tied) */
     const float *output_norm;         /* n_embd (copied at load) */

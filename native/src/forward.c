@@ -240,8 +240,8 @@ static void gate_up_item(const job *j, thread_scratch *ts, const void *arg, int6
 }
 
 /* Thread 0 only, with every phase ended by a barrier (tracing): copies a column block of qkv
- * into its own buffer to trace it. */
-static void trace_qkv(const job *j, thread_scratch *ts, int32_t layer)
+ * into the shared input buffer (free until the next input phase) to trace it. */
+static void trace_qkv(const job *j, int32_t layer)
 {
     const tern_session *s = j->s;
     const char *names[3] = {"q", "k", "v"};
@@ -249,8 +249,8 @@ static void trace_qkv(const job *j, thread_scratch *ts, int32_t layer)
     const int64_t widths[3] = {s->m->n_embd, s->kv_dim, s->kv_dim};
     for (int i = 0; i < 3; i++) {
         for (int32_t t = 0; t < j->n; t++)
-            memcpy(ts->xf + t * widths[i], s->qkv + t * s->qkv_dim + cols[i], (size_t)widths[i] * sizeof(float));
-        trace(j, names[i], layer, ts->xf, j->n, widths[i]);
+            memcpy(s->xf + t * widths[i], s->qkv + t * s->qkv_dim + cols[i], (size_t)widths[i] * sizeof(float));
+        trace(j, names[i], layer, s->xf, j->n, widths[i]);
     }
 }
 
@@ -271,7 +271,7 @@ static void layer_job(const job *j, thread_scratch *ts, int32_t layer, bool tr)
     input_phase(j, ts, (phase_input){s->x, e, L->attn_norm, e, 0});
     run_phase(j, ts, m->n_head + 2 * (int64_t)m->n_head_kv, true, qkv_item, &layer);
     if (tr) trace(j, "attn_norm", layer, ts->in_f, j->n, e);
-    if (tr) trace_qkv(j, ts, layer);
+    if (tr) trace_qkv(j, layer);
     trace_sync(j);
 
     attention_phase(j, ts, &layer);

@@ -128,6 +128,32 @@ static int32_t load_layer(const tern_model_params *p, int32_t i, tern_model *m)
     return TERN_OK;
 }
 
+/* The lowest of ptr and lowest, counting only pointers into the mapped file. */
+static const uint8_t *lower_in_file(const tern_model_params *p, const void *ptr, const uint8_t *lowest)
+{
+    const uint8_t *base = p->file_base, *q = ptr;
+    return q && q >= base && q < base + p->file_size && q < lowest ? q : lowest;
+}
+
+/* The file's header (metadata: a vocabulary is ~8 MB) was read by the caller before the model
+ * was made and is not read again: its pages leave the resident set like the repacked sources. */
+static void release_header(const tern_model_params *p)
+{
+    const uint8_t *lowest = (const uint8_t *)p->file_base + p->file_size;
+    lowest = lower_in_file(p, p->token_embd.data, lowest);
+    lowest = lower_in_file(p, p->output.data, lowest);
+    lowest = lower_in_file(p, p->output_norm, lowest);
+    for (int32_t i = 0; i < p->n_layer; i++) {
+        const tern_layer_params *l = &p->layers[i];
+        const void *ptrs[] = {l->attn_norm, l->attn_sub_norm, l->ffn_norm, l->ffn_sub_norm,
+                              l->wq.data, l->wk.data, l->wv.data, l->wo.data,
+                              l->w_gate.data, l->w_up.data, l->w_down.data};
+        for (size_t j = 0; j < sizeof ptrs / sizeof ptrs[0]; j++)
+            lowest = lower_in_file(p, ptrs[j], lowest);
+    }
+    tern_os_release_pages(p->file_base, (uint64_t)(lowest - (const uint8_t *)p->file_base));
+}
+
 static int32_t load(const tern_model_params *p, tern_model *m)
 {
     m->n_vocab = p->n_vocab; m->n_embd = p->n_embd; m->n_layer = p->n_layer;
@@ -156,6 +182,8 @@ static int32_t load(const tern_model_params *p, tern_model *m)
         return st;
     /* The embedding only looked up (int8 head, or a separate output.weight): forward.c drops
      * the pages each lookup maps (see release_lookup_window). */
+    if (p->release_sources)
+        release_header(p);
     m->embd_lookup_release = p->release_sources &&
                              (p->lm_head == TERN_LM_HEAD_INT8 || m->head.data != m->token_embd.data);
     return TERN_OK;

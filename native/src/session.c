@@ -49,9 +49,10 @@ static int32_t alloc_threads(tern_session *s, int32_t n)
     s->n_threads = n;
     for (int32_t i = 0; i < n; i++) {
         thread_scratch *t = &s->ts[i];
-        t->xq = zalloc(T * (size_t)s->width, &total);
-        t->xs = zalloc(T * sizeof(float), &total);
-        t->xf = zalloc(T * (size_t)s->width * sizeof(float), &total);
+        /* One row: a thread quantizes privately only single-token inputs (forward.c). */
+        t->xq = zalloc((size_t)s->width, &total);
+        t->xs = zalloc(sizeof(float), &total);
+        t->xf = zalloc((size_t)s->width * sizeof(float), &total);
         t->acc = zalloc(T * (size_t)s->acc_rows * sizeof(int32_t), &total);
         t->gemm = zalloc(TERN_GEMM_SCRATCH_BYTES, &total);
         t->scores = zalloc((size_t)s->n_ctx * sizeof(float), &total);

@@ -21,9 +21,9 @@ typedef struct phase_input {
 } phase_input;
 
 typedef struct thread_scratch {
-    int8_t *xq;      /* TERN_CHUNK x max(n_embd, n_ff): quantized input of the phase */
-    float *xs;       /* TERN_CHUNK activation scales */
-    float *xf;       /* TERN_CHUNK x max(n_embd, n_ff): normalized input (floats) */
+    int8_t *xq;      /* max(n_embd, n_ff): a single token's quantized phase input */
+    float *xs;       /* its activation scale */
+    float *xf;       /* max(n_embd, n_ff): its normalized floats */
     int32_t *acc;    /* TERN_CHUNK x acc_rows: GEMM results of one work item */
     void *gemm;      /* TERN_GEMM_SCRATCH_BYTES, 64-aligned */
     float *scores;   /* n_ctx attention weights */
