@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import ModelFormatError, UnsupportedModelError
 
@@ -35,6 +34,45 @@ MAX_ALIGNMENT = 1 << 20
 # ggml tensor types
 # ---------------------------------------------------------------------------------------------
 F32, F16, Q4_0, Q8_0, Q6_K, BF16, TQ1_0, TQ2_0 = 0, 1, 2, 8, 14, 30, 34, 35
+# Every upstream ggml type: id -> (name, weights per block, bytes per block), as gguf-py's
+# GGML_QUANT_SIZES (tests/test_gguf_roundtrip.py checks them equal). Kept here so that reading a
+# file does not import gguf-py (its import pulls in ~4.6 MB of modules: yaml, requests' parsers).
+GGML_TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
 # bitnet.cpp's fork numbers its own types from 36 on (upstream ggml reuses 39+ for MXFP4 ...).
 I2_S, I8_S, TL1, TL2 = 36, 37, 38, 39
 BITNET_CPP_ARCHS = ("bitnet-b1.58", "bitnet-25")
@@ -46,10 +84,7 @@ def type_name(ggml_type: int, arch: str | None = None) -> str:
         return "I2_S"
     if arch in BITNET_CPP_ARCHS and ggml_type in _BITNET_CPP_ONLY_TYPES:
         return _BITNET_CPP_ONLY_TYPES[ggml_type]
-    try:
-        return GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        return f"type{ggml_type}"
+    return GGML_TYPES[ggml_type][0] if ggml_type in GGML_TYPES else f"type{ggml_type}"
 
 
 def tensor_nbytes(ggml_type: int, shape: tuple[int, ...], arch: str | None = None) -> int:
@@ -66,10 +101,9 @@ def tensor_nbytes(ggml_type: int, shape: tuple[int, ...], arch: str | None = Non
     if arch in BITNET_CPP_ARCHS and ggml_type in _BITNET_CPP_ONLY_TYPES:
         raise TypeError(f"bitnet.cpp type {_BITNET_CPP_ONLY_TYPES[ggml_type]} ({ggml_type}) is not supported "
                         "(re-convert the model to I2_S)")
-    try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
-        raise ValueError(f"unknown ggml type {ggml_type}") from None
+    if ggml_type not in GGML_TYPES:
+        raise ValueError(f"unknown ggml type {ggml_type}")
+    _, block, size = GGML_TYPES[ggml_type]
     if shape[0] % block:
         raise ValueError(f"row length {shape[0]} is not a multiple of {type_name(ggml_type)}'s block of {block}")
     return n // block * size
@@ -172,27 +206,30 @@ class _Cursor:
 # ---------------------------------------------------------------------------------------------
 # the reader
 # ---------------------------------------------------------------------------------------------
-LAZY_STRING_ARRAY = 4096     # string arrays at least this long are decoded on access
+LONG_ARRAY = 4096    # arrays at least this long stay packed: strings decoded on access, numbers in numpy
 
 
 class StringArray(Sequence):
-    """A long string array of the header (a vocabulary's tokens and merges), kept as its packed
-    bytes and decoded on access: as ~400k Python strings it would hold ~40 MB for the life of a
-    model whose tokenizer is built once; packed it is ~5 MB (and independent of the mapping)."""
+    """A long string array of the header (a vocabulary's tokens and merges), kept as its UTF-8
+    text packed end to end and decoded on access: as ~400k Python strings it would hold ~40 MB
+    for the life of a model whose tokenizer is built once; packed it is ~4 MB (and independent
+    of the mapping)."""
 
-    def __init__(self, buf: bytes, offsets: np.ndarray):
-        self._buf = buf                  # the array's bytes: u64 length + UTF-8 text, repeated
-        self._offsets = offsets          # (n,) int64: where each string's u64 length starts
+    def __init__(self, text: bytes | bytearray, bounds: np.ndarray):
+        self._text = text                # every string's UTF-8 bytes, end to end
+        self._bounds = bounds            # (n + 1,) int32 or int64: string i is text[b[i]:b[i+1]]
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._bounds) - 1
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        pos = int(self._offsets[index])
-        (length,) = struct.unpack_from("<Q", self._buf, pos)
-        return str(self._buf[pos + 8:pos + 8 + length], "utf-8", "surrogateescape")
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError("StringArray index out of range")
+        index %= n
+        return str(self._text[self._bounds[index]:self._bounds[index + 1]], "utf-8", "surrogateescape")
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -297,8 +334,14 @@ class GGUFFile:
             cur.fail(f"metadata key {key!r}: array length {count} exceeds the {cur.remaining} bytes left in the file")
         if etype in SCALAR_DTYPES:
             dtype = SCALAR_DTYPES[etype]
-            values = np.frombuffer(cur.buf, dtype, count, cur.pos).tolist()
+            packed = np.frombuffer(cur.buf, dtype, count, cur.pos)
             cur.pos += count * dtype.itemsize
+            if count >= LONG_ARRAY and etype != ValueType.BOOL:
+                # A vocabulary's token types as Python ints would hold ~4.6 MB; packed, 0.5 MB.
+                values = packed.copy()
+                values.flags.writeable = False
+                return values, (ValueType.ARRAY, etype)
+            values = packed.tolist()
             if etype == ValueType.BOOL:
                 values = [bool(v) for v in values]
             return values, (ValueType.ARRAY, etype)
@@ -309,10 +352,13 @@ class GGUFFile:
 
     @staticmethod
     def _read_string_array(cur: _Cursor, key: str, count: int) -> "list[str] | StringArray":
-        # The hot loop of header parsing (128k tokens, 280k merges): kept tight on purpose.
+        # The hot loop of header parsing (128k tokens, 280k merges): kept tight on purpose. A long
+        # array's text is gathered as it is read (no large temporaries: they would stay in the
+        # heap for the life of the process).
         buf, pos, end = cur.buf, cur.pos, cur.end
-        lazy = count >= LAZY_STRING_ARRAY
-        out = array.array("q") if lazy else []
+        lazy = count >= LONG_ARRAY
+        out = [] if not lazy else None
+        text, bounds = bytearray(), array.array("q")
         unpack = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > end:
@@ -323,14 +369,18 @@ class GGUFFile:
             if length > end - pos:
                 cur.pos = pos
                 cur.fail(f"metadata key {key!r}: string length {length} exceeds the {end - pos} bytes left in the file")
-            out.append(pos - 8 if lazy else str(buf[pos:pos + length], "utf-8", "surrogateescape"))
+            if lazy:
+                bounds.append(len(text))
+                text += buf[pos:pos + length]
+            else:
+                out.append(str(buf[pos:pos + length], "utf-8", "surrogateescape"))
             pos += length
         cur.pos = pos
         if not lazy:
             return out
-        first = out[0] if count else cur.pos
-        offsets = np.frombuffer(out, dtype=np.int64) - first
-        return StringArray(bytes(buf[first:cur.pos]), offsets)
+        bounds.append(len(text))
+        return StringArray(text, np.frombuffer(bounds, dtype=np.int64).astype(
+            np.int32 if len(text) < 2**31 else np.int64))   # int32: half the bytes
 
     def _alignment(self, cur: _Cursor) -> int:
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)

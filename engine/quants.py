@@ -7,8 +7,6 @@ a flat tensor (ggml row-major, ne0 fastest), so a (rows, cols) matrix is `unpack
 from __future__ import annotations
 
 import numpy as np
-from gguf import quants as gguf_quants
-from gguf.constants import GGMLQuantizationType
 
 from engine.gguf_file import BF16, F16, F32, I2_S, Q4_0, Q6_K, Q8_0, TQ1_0, TQ2_0
 
@@ -215,6 +213,8 @@ def quantize(values: np.ndarray, ggml_type: int) -> np.ndarray:
     if ggml_type == F16:
         return x.astype("<f2").view(np.uint8)
     if ggml_type in (BF16, Q8_0, Q4_0):
+        from gguf import quants as gguf_quants          # writing only: reading never imports gguf-py
+        from gguf.constants import GGMLQuantizationType
         out = gguf_quants.quantize(x, GGMLQuantizationType(ggml_type))
         return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
     if ggml_type == Q6_K:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 
 from engine import quants
-from engine.gguf_file import F16, F32, I2_S, Q8_0, TQ2_0, GGUFFile, ValueType
+from engine.gguf_file import F16, F32, GGML_TYPES, I2_S, Q8_0, TQ2_0, GGUFFile, ValueType
 from engine.gguf_write import Typed, WriterTensor, array_tensor, write_gguf
 
 METADATA = {
@@ -56,6 +57,23 @@ def _tensors():
         array_tensor("tq2", (256, 3), TQ2_0, quants.pack_tq2_0(codes, 0.5)),
         array_tensor("q8", (64,), Q8_0, quants.quantize(np.linspace(-1, 1, 64), Q8_0)),
     ], codes, f32
+
+
+def test_type_table_equals_gguf_py():
+    # Reading a file sizes tensors from the engine's own table; it must be gguf-py's, entry for entry.
+    assert {t: (name, block, size) for t, (name, block, size) in GGML_TYPES.items()} == {
+        int(t): (t.name, block, size) for t, (block, size) in GGML_QUANT_SIZES.items() if int(t) in GGML_TYPES}
+    assert set(GGML_TYPES) >= {0, 1, 2, 8, 12, 14, 30, 34, 35}
+
+
+def test_long_numeric_arrays_stay_packed(tmp_path):
+    types = np.arange(5000, dtype=np.int32) % 7
+    path = write_gguf(tmp_path / "m.gguf", {"general.architecture": "llama", "t.long": types,
+                                           "t.short": [1, 2, 3]}, [])
+    with GGUFFile(path) as f:
+        long, short = f.metadata["t.long"], f.metadata["t.short"]
+    assert isinstance(long, np.ndarray) and not long.flags.writeable and np.array_equal(long, types)
+    assert short == [1, 2, 3]
 
 
 def test_metadata_and_tensors_round_trip(tmp_path):
