@@ -132,7 +132,8 @@ int32_t tern_session_create(tern_model *m, int32_t n_ctx, int32_t kv_type, int32
     s->kv_dim = (int64_t)m->n_head_kv * m->head_dim;
     s->qkv_dim = m->n_embd + 2 * s->kv_dim;
     s->width = m->n_embd > m->n_ff ? m->n_embd : m->n_ff;
-    s->acc_rows = HEAD_CHUNK > m->head_dim ? HEAD_CHUNK : m->head_dim;
+    s->acc_rows = HEAD_CHUNK > ROW_CHUNK_MAX ? HEAD_CHUNK : ROW_CHUNK_MAX;
+    s->acc_rows = s->acc_rows > m->head_dim ? s->acc_rows : m->head_dim;
     int32_t st = alloc_shared(s);
     if (st == TERN_OK)
         st = tern_set_threads(s, threads);

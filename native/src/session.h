@@ -8,7 +8,9 @@
 #include "model.h"
 #include "threadpool.h"
 
-#define ROW_CHUNK 64   /* rows per work item of wo / gate+up / down */
+/* Rows per work item of wo / gate+up / down: 64..256, by tern_row_chunk (forward.c). */
+#define ROW_CHUNK_MIN 64
+#define ROW_CHUNK_MAX 256
 #define HEAD_CHUNK 256 /* LM-head rows per work item */
 
 /* A phase's input: rows t0..n-1 of `in` (stride ld), RMS-normalized with w, then quantized. */
