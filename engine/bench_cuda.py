@@ -6,7 +6,8 @@ shape.
 Reported: decode tokens/s (tg), prompt tokens/s and time to first token for a 512-token prompt,
 the device's measured read bandwidth, decode bandwidth (bytes per token x tokens/s) against it,
 and each decode GEMV shape's bandwidth (q|k|v, wo, gate|up, down, LM head) timed in a graph over
-every layer's matrix so the bytes exceed the L2 cache. Median and best of --repeat runs."""
+every layer's matrix so the bytes exceed the L2 cache (with TERN_CUDA_PERSISTENT=1: as the
+persistent decode kernel runs that step, docs/CUDA.md). Median and best of --repeat runs."""
 from __future__ import annotations
 
 import json
@@ -68,7 +69,8 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
             seconds, nbytes = dec.gemv_time(name)
             shapes[name] = {"us": seconds * 1e6, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
         bpt = _bytes_per_token(dec._model, lm_head, PROMPT + tg / 2)
-        return {"engine": "tern cuda", "lm_head": lm_head, "kernel": dec.kernel, "device": dec.device,
+        decode = "persistent kernel" if dec.persistent_active else "graph" if dec.graph_active else "launches"
+        return {"engine": "tern cuda", "lm_head": lm_head, "kernel": dec.kernel, "decode": decode, "device": dec.device,
                 "load_s": load_s, f"ttft{PROMPT}_s": _summary(ttft, higher_is_better=False),
                 f"pp{PROMPT}_tps": _summary([PROMPT / s for s in ttft]), f"tg{tg}_tps": _summary(tg_tps),
                 "bytes_per_token": bpt, "gemv": shapes}
@@ -181,7 +183,7 @@ def format_report(report: dict, tg: int) -> str:
             lines.append(f"{e['engine']}: blocked ({e['blocked']})")
             continue
         key = f"tg{tg}_tps"
-        lines.append(f"{e['engine']}" + (f" [{e['kernel']}] {e['lm_head']} head" if "kernel" in e else
+        lines.append(f"{e['engine']}" + (f" [{e['kernel']}, decode: {e['decode']}] {e['lm_head']} head" if "kernel" in e else
                                          f" (transformers {e['transformers']}, torch {e['torch']})"))
         lines.append(f"  tg{tg}  : {e[key]['median']:9.1f} / {e[key]['best']:9.1f} tok/s")
         if "kernel" not in e:

@@ -132,6 +132,11 @@ class CudaDecoder:
         return bool(lib().tern_cuda_session_graph_active(self._live()))
 
     @property
+    def persistent_active(self) -> bool:
+        """Whether that graph holds the persistent decode kernel (TERN_CUDA_PERSISTENT=1)."""
+        return lib().tern_cuda_session_graph_active(self._live()) == 2
+
+    @property
     def model_handle(self) -> ctypes.c_void_p:
         return self._handle
 

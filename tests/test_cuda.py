@@ -182,6 +182,34 @@ def test_decode_graph_equals_prefill(byte_model):
 
 
 @gpu
+@pytest.mark.parametrize("fmt,kv", [("i2_s", "f32"), ("tq2_0", "f16")])
+def test_persistent_decode_matches_prefill_and_reference(byte_model, monkeypatch, fmt, kv):
+    """TERN_CUDA_PERSISTENT=1 (one cooperative kernel per decode step, sm_90): decode against
+    one prefill of the same tokens, greedy tokens against the reference, and its per-shape
+    step timing."""
+    monkeypatch.setenv("TERN_CUDA_PERSISTENT", "1")
+    path = byte_model(fmt)
+    ids = teacher_ids(259, 40)
+    with _cuda_decoder(path, 64, lm_head="f16", kv_type=kv) as dec:
+        full = dec.forward(ids, all_logits=True)
+        dec.truncate(0)
+        steps = np.stack([dec.forward([int(t)]) for t in ids])
+        if os.environ.get("TERN_CUDA_GRAPH") != "0" and int(dec.kernel.removeprefix("cuda-sm")) >= 90:
+            assert dec.persistent_active
+        seconds, nbytes = dec.gemv_time("gate_up", reps=3)
+        assert seconds > 0 and nbytes > 0
+        dec.truncate(0)
+        got_tokens, _ = greedy(dec, ids[:8], 24)
+    assert top5_agreement(full, steps) >= TOP5_MIN_AGREEMENT
+    np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
+    want_tokens, margins = greedy(ReferenceDecoder(load_model(path), n_ctx=64), ids[:8], 24)
+    for step, (w, g, m) in enumerate(zip(want_tokens, got_tokens, margins)):
+        if m < GREEDY_MARGIN:
+            break
+        assert w == g, f"greedy token {step} differs: reference {w}, cuda {g} (margin {m:.3f})"
+
+
+@gpu
 def test_truncate_reuses_the_cache_and_errors_keep_state(byte_model):
     path = byte_model("tq2_0")
     ids = teacher_ids(259, 24)
@@ -215,9 +243,11 @@ def test_open_decoder_backend_cuda(byte_model):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_memcheck_is_clean(byte_model, tmp_path):
-    """Kernels, prefill (GEMM path, two chunks of 512), decode (graph) under compute-sanitizer memcheck."""
+    """Kernels, prefill (GEMM path, two chunks of 512), decode (graph; per-operation kernels and
+    the persistent kernel) under compute-sanitizer memcheck."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
+        import os
         import numpy as np
         from engine import cuda, native
         from engine.model import load_model
@@ -227,12 +257,16 @@ def test_memcheck_is_clean(byte_model, tmp_path):
             w = pack_t2(random_ternary(rng, rows, k))
             cuda.run_kernel("gemv_t2" if n == 1 else "gemm_t2", w, rows, k, random_int8(rng, n, k))
             cuda.run_kernel("gemm_i8", random_int8(rng, rows, k), rows, k, random_int8(rng, 2, k))
-        for fmt, head, kv in [("i2_s", "int8", "f16"), ("f16", "f16", "f32")]:
+        for fmt, head, kv, persistent in [("i2_s", "int8", "f16", "0"), ("f16", "f16", "f32", "0"),
+                                          ("i2_s", "int8", "f16", "1")]:
+            os.environ["TERN_CUDA_PERSISTENT"] = persistent
             path = {str(byte_model("i2_s"))!r} if fmt == "i2_s" else {str(byte_model("f16"))!r}
             with native.NativeDecoder(load_model(path), n_ctx=600, device="cuda", lm_head=head, kv_type=kv) as d:
                 d.forward(rng.integers(0, 259, 530), all_logits=True)
                 for t in range(5):
                     d.forward([t])
+                if persistent == "1":
+                    d.gemv_time("qkv", reps=1)
         print("memcheck run done")
         """))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

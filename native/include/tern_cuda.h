@@ -34,7 +34,10 @@ TERN_API uint64_t tern_cuda_model_device_bytes(const tern_cuda_model *model);
 /* A KV cache of n_ctx positions (kv_type TERN_KV_F16, or TERN_KV_F32: the reference's
  * precision) and all scratch, on the GPU; decode (one token) runs as a CUDA graph captured at
  * the first single-token forward (TERN_CUDA_GRAPH=0 in the environment: plain launches).
- * Same semantics as the tern.h session functions. */
+ * TERN_CUDA_PERSISTENT=1 in the environment when a session's first decode runs: the layers of a
+ * decode step run as one persistent cooperative kernel instead of one kernel per operation
+ * (sm_90; measured slower on an H100, docs/CUDA.md). Same semantics as the tern.h session
+ * functions. */
 TERN_API int32_t tern_cuda_session_create(tern_cuda_model *model, int32_t n_ctx, int32_t kv_type,
                                           tern_cuda_session **out);
 TERN_API void tern_cuda_session_free(tern_cuda_session *session);
@@ -44,7 +47,8 @@ TERN_API int32_t tern_cuda_session_copy(tern_cuda_session *dst, const tern_cuda_
 TERN_API int32_t tern_cuda_forward(tern_cuda_session *session, const int32_t *tokens, int32_t n,
                                    float *out_logits, int32_t all_logits);
 TERN_API void tern_cuda_cancel(tern_cuda_session *session);
-/* 1 once decode runs as a replayed CUDA graph, 0 before the first decode or without graphs. */
+/* 1 once decode runs as a replayed CUDA graph (2: a graph of the persistent decode kernel), 0
+ * before the first decode or without graphs. */
 TERN_API int32_t tern_cuda_session_graph_active(const tern_cuda_session *session);
 
 /* Kernel test entry, the GPU twin of tern_kernel_test (op 0 gemv_t2, 1 gemm_t2, 2 gemv_i8,
@@ -57,7 +61,10 @@ TERN_API int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, double 
 
 /* Seconds per decode GEMV of one matrix kind, timed as a CUDA graph over every layer's matrix
  * of that kind (so the bytes exceed the L2 cache), median of reps; *bytes: weight bytes per
- * launch. which: 0 q|k|v, 1 wo, 2 gate|up, 3 down, 4 LM head. */
+ * launch. which: 0 q|k|v, 1 wo, 2 gate|up, 3 down, 4 LM head. With TERN_CUDA_PERSISTENT=1 a
+ * ternary kind is timed as the persistent kernel runs it: that kind's step of every layer
+ * (grid barrier, norm + quantization, dot products from shared memory, epilogue) with the next
+ * layer's rows streaming into a second slot. */
 TERN_API int32_t tern_cuda_gemv_time(tern_cuda_model *model, int32_t which, int32_t reps,
                                      double *seconds, double *bytes);
 

@@ -31,12 +31,16 @@ struct tern_cuda_model {
     uint64_t bytes;
 };
 
+struct persist_state;
+
 struct tern_cuda_session {
     tern_cuda_model *m;
     int32_t n_ctx, n_past;
     cudaStream_t stream;
     cudaGraphExec_t decode_graph; /* one-token step, captured at the first decode */
     bool graph_tried;
+    persist_state *persist;    /* the persistent decode step (persist.cu), or NULL: one kernel per operation */
+    bool persist_tried;
     int32_t kv_type;           /* TERN_KV_F16 or TERN_KV_F32 (the reference's precision) */
     size_t kv_elem;
     char *k_cache, *v_cache;   /* n_layer x n_ctx x kv_dim values of kv_elem bytes */

@@ -5,7 +5,14 @@
 
 #include <algorithm>
 
-#include "model.h"
+#include "persist.h"
+
+#define TRY_STATUS(expr)            \
+    do {                            \
+        const int32_t st_ = (expr); \
+        if (st_ != TERN_OK)         \
+            return st_;             \
+    } while (0)
 
 extern "C" int32_t tern_cuda_available(void)
 {
@@ -206,12 +213,64 @@ extern "C" int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, doubl
     return TERN_OK;
 }
 
+/* The persistent decode's steps of one matrix kind over every layer (persist.cu with `only`):
+ * per step a grid barrier, the norm + quantization of the input, the dot products from shared
+ * memory and the epilogue, with the next layer's rows streaming into the other of two slots
+ * meanwhile. *seconds: per layer; 0 with *seconds untouched where the path does not apply. */
+static int32_t persist_step_time(tern_cuda_model *m, int32_t which, int32_t reps, double *seconds, bool *done)
+{
+    *done = false;
+    tern_cuda_session *s = NULL;
+    TRY_STATUS(tern_cuda_session_create(m, 16, TERN_KV_F16, &s));
+    persist_state *p = NULL;
+    int32_t st = persist_init(s, &p);
+    const size_t e = (size_t)m->hv.n_embd;
+    if (st == TERN_OK && p &&
+        (cudaMemset(s->x, 0, e * 4) != cudaSuccess || cudaMemset(s->att, 0, e * 4) != cudaSuccess ||
+         cudaMemset(s->h, 0, (size_t)m->hv.n_ff * 8) != cudaSuccess || cudaMemset(s->pos, 0, 4) != cudaSuccess ||
+         cudaDeviceSynchronize() != cudaSuccess))
+        st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: preparing the step measurement failed");
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t exec = NULL;
+    if (st == TERN_OK && p) {
+        if (cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess)
+            st = launch_persist(s, p, which);
+        else
+            st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capturing the step measurement failed");
+        const cudaError_t end = cudaStreamEndCapture(s->stream, &g);
+        if (st == TERN_OK && (end != cudaSuccess || cudaGraphInstantiate(&exec, g, 0) != cudaSuccess))
+            st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capturing the step measurement failed");
+        double t = 0.0;
+        if (st == TERN_OK && (st = time_graph(exec, s->stream, reps, &t)) == TERN_OK) {
+            *seconds = t / m->hv.n_layer;
+            *done = true;
+        }
+    }
+    if (exec)
+        cudaGraphExecDestroy(exec);
+    if (g)
+        cudaGraphDestroy(g);
+    persist_free(p);
+    tern_cuda_session_free(s);
+    return st;
+}
+
 extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_t reps, double *seconds,
                                        double *bytes)
 {
     if (!m || which < 0 || which > 4 || reps < 1 || !seconds || !bytes)
         return tern_fail(TERN_ERR_INVALID, "tern_cuda_gemv_time: bad arguments");
     const hv_model *h = &m->hv;
+    if (which < 4 && persist_enabled()) { /* as decode runs it */
+        bool done = false;
+        TRY_STATUS(persist_step_time(m, which, reps, seconds, &done));
+        if (done) {
+            const cuda_layer *L = &m->layers[0];
+            const dmat &w = which == 0 ? L->qkv : which == 1 ? L->wo : which == 2 ? L->gate_up : L->down;
+            *bytes = (double)w.rows * (double)(w.cols / 4);
+            return TERN_OK;
+        }
+    }
     const int64_t width = h->n_embd > h->n_ff ? h->n_embd : h->n_ff;
     dev_buffers b;
     int8_t *xq;

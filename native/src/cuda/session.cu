@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model.h"
+#include "persist.h"
 
 int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, int32_t n, float *out,
                int64_t ldo, int epi, cudaStream_t st)
@@ -96,8 +96,11 @@ int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32
 {
     const tern_cuda_model *m = s->m;
     const hv_model *h = &m->hv;
-    for (int32_t l = 0; l < h->n_layer; l++)
-        TRY(n == 1 ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
+    if (n == 1 && s->persist)
+        TRY(launch_persist(s, s->persist, -1));
+    else
+        for (int32_t l = 0; l < h->n_layer; l++)
+            TRY(n == 1 ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
     if (!want_logits)
         return TERN_OK;
     const int64_t e = h->n_embd;
@@ -186,6 +189,7 @@ extern "C" void tern_cuda_session_free(tern_cuda_session *s)
         return;
     if (s->decode_graph)
         cudaGraphExecDestroy(s->decode_graph);
+    persist_free(s->persist);
     void *dev[] = {s->k_cache, s->v_cache, s->x, s->qkv, s->h, s->att, s->xf, s->partial, s->logits,
                    s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos, s->counters};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
@@ -236,7 +240,7 @@ extern "C" void tern_cuda_cancel(tern_cuda_session *s)
 
 extern "C" int32_t tern_cuda_session_graph_active(const tern_cuda_session *s)
 {
-    return s && s->decode_graph ? 1 : 0;
+    return s && s->decode_graph ? (s->persist ? 2 : 1) : 0;
 }
 
 static bool graphs_enabled(void)
@@ -272,6 +276,10 @@ static int32_t forward_chunk(tern_cuda_session *s, const int32_t *tokens, int32_
     *s->host_pos = s->n_past;
     CUDA_TRY(cudaMemcpyAsync(s->x, s->host_x, (size_t)(n * e) * 4, cudaMemcpyHostToDevice, s->stream));
     CUDA_TRY(cudaMemcpyAsync(s->pos, s->host_pos, 4, cudaMemcpyHostToDevice, s->stream));
+    if (n == 1 && !s->persist_tried) { /* before the capture: it allocates */
+        s->persist_tried = true;
+        TRY(persist_init(s, &s->persist));
+    }
     if (n == 1 && logits && !s->graph_tried)
         capture_decode(s);
     if (n == 1 && logits && s->decode_graph)
