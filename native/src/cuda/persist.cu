@@ -27,6 +27,7 @@ namespace {
 
 constexpr int kThreads = 512, kWarps = kThreads / 32;
 constexpr int kBatch = 8; /* attention positions per warp step */
+constexpr int kWarpPositions = 2 * kBatch; /* attention positions per warp at most, while splits last */
 
 /* Weight slots are filled by the TMA unit (cp.async.bulk, one copy per row) and completed on
  * an mbarrier per slot, so the copies do not occupy the SM's load queue ahead of each phase's
@@ -344,9 +345,9 @@ __device__ void attention(const persist_args &a, int layer, int pos, float *sm)
     constexpr int HD = D * 32;
     const int nkv = a.n_head_kv, gs = a.n_head / nkv, wph = kWarps / gs;
     const int grp = blockIdx.x % nkv, sp = blockIdx.x / nkv, npos = pos + 1;
-    /* as few splits as give every warp at most kBatch positions (one round of loads): the
-     * merge below reads every split */
-    const int ns = min(a.nsplit, (npos + wph * kBatch - 1) / (wph * kBatch));
+    /* as few splits as give every warp at most kWarpPositions positions (two rounds of loads,
+     * from L2 after prefetch_kv): the merge below reads every split, 16 per round of loads */
+    const int ns = min(a.nsplit, (npos + wph * kWarpPositions - 1) / (wph * kWarpPositions));
     if (sp >= ns)
         return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, hh = warp / wph, sub = warp % wph;
@@ -484,7 +485,7 @@ __device__ __forceinline__ void prefetch_kv(const persist_args &a, int layer, in
     constexpr int HD = D * 32, LINES = HD * (int)sizeof(KV) / 128; /* lines per row */
     const int nkv = a.n_head_kv, gs = a.n_head / nkv, wph = kWarps / gs;
     const int grp = blockIdx.x % nkv, sp = blockIdx.x / nkv, npos = pos + 1;
-    const int ns = min(a.nsplit, (npos + wph * kBatch - 1) / (wph * kBatch));
+    const int ns = min(a.nsplit, (npos + wph * kWarpPositions - 1) / (wph * kWarpPositions));
     if (sp >= ns || LINES < 1)
         return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, sub = warp % wph;
