@@ -36,7 +36,7 @@ TERN_API uint64_t tern_cuda_model_device_bytes(const tern_cuda_model *model);
  * the first single-token forward (TERN_CUDA_GRAPH=0 in the environment: plain launches).
  * TERN_CUDA_PERSISTENT=1 in the environment when a session's first decode runs: the layers of a
  * decode step run as one persistent cooperative kernel instead of one kernel per operation
- * (sm_90; measured slower on an H100, docs/CUDA.md). Same semantics as the tern.h session
+ * (sm_90; measured no faster on an H100, docs/CUDA.md). Same semantics as the tern.h session
  * functions. */
 TERN_API int32_t tern_cuda_session_create(tern_cuda_model *model, int32_t n_ctx, int32_t kv_type,
                                           tern_cuda_session **out);

@@ -8,10 +8,10 @@
  * dot products have read the slot, so the weight bytes stream while the barriers, norms and
  * attention of the layer run, and a GEMV phase reads its weights from shared memory. The
  * RMSNorm + int8 quantization of a phase's input is computed by every block from L2 (2560 or
- * 6912 floats) instead of by a separate kernel. Measured on an H100 it is ~4% slower than the
- * graph of per-operation kernels (docs/CUDA.md: each phase is a chain of block-wide and
- * grid-wide synchronizations with 16 warps per SM, ~6-10 us per GEMV phase and ~13 us for
- * attention), so it stays opt-in.
+ * 6912 floats) instead of by a separate kernel. Measured on H100s it is no faster than the
+ * graph of per-operation kernels (4% slower to a tie; docs/CUDA.md: each phase is a chain of
+ * block-wide and grid-wide synchronizations with 16 warps per SM, ~6-10 us per GEMV phase and
+ * ~13 us for attention), so it stays opt-in.
  *
  * Per layer: q|k|v (RoPE, KV store) | attention (split over the blocks; the last block of a KV
  * group merges) | wo (+= x) | gate|up (act(gate) * up) | down (+= x); "|" is a grid barrier.
@@ -33,7 +33,9 @@ constexpr int kWarpPositions = 2 * kBatch; /* attention positions per warp at mo
  * an mbarrier per slot, so the copies do not occupy the SM's load queue ahead of each phase's
  * latency-bound loads (16-byte cp.async per lane measured the same or slower). sm_90 only:
  * the persistent path is not used below compute capability 9.0. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned smem_addr(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+#endif
 
 __device__ __forceinline__ void mbar_init(uint64_t *bar)
 {

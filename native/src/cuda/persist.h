@@ -41,7 +41,7 @@ struct persist_state {
     float *pscale;         /* device: every layer's packed scales */
 };
 
-/* TERN_CUDA_PERSISTENT=1 (measured slower than the per-operation graph: opt-in). */
+/* TERN_CUDA_PERSISTENT=1 (measured no faster than the per-operation graph: opt-in). */
 bool persist_enabled(void);
 /* *out = NULL (not an error) where the path does not apply: disabled, shape not covered, no
  * cooperative launch, or too little shared memory. */
