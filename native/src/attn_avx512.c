@@ -91,11 +91,18 @@ static void load_block(const tern_attn_args *a, int32_t p0, int32_t np, float *k
                 _mm512_store_ps(kt + (int64_t)(dc + i) * PB + j0, r[i]);
         }
     }
-    for (int32_t j = 0; j < PB; j++)
+    for (int32_t j = 0; j < PB; j++) {
+        const char *nk = (const char *)(a->k + (int64_t)(p0 + PB + j) * a->ldkv);
+        const char *nv = (const char *)(a->v + (int64_t)(p0 + PB + j) * a->ldkv);
+        for (int32_t b = 0; b < hd * 2; b += 64) {
+            _mm_prefetch(nk + b, _MM_HINT_T0);
+            _mm_prefetch(nv + b, _MM_HINT_T0);
+        }
         for (int32_t dc = 0; dc < hd; dc += 16)
             _mm512_store_ps(vf + (int64_t)j * hd + dc,
                             j < np ? load_f16(a->v + (int64_t)(p0 + j) * a->ldkv + dc)
                                    : _mm512_setzero_ps());
+    }
 }
 
 /* ---- scores and the online softmax ---- */

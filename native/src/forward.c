@@ -185,12 +185,12 @@ static void attention_batched_item(const job *j, thread_scratch *ts, const void 
     const tern_model *m = s->m;
     const int32_t layer = *(const int32_t *)arg;
     const int32_t group = (int32_t)(m->n_head / m->n_head_kv), hd = (int32_t)m->head_dim;
-    const int64_t nkv = m->n_head_kv, cache = (int64_t)layer * s->n_ctx * s->kv_dim;
-    const int64_t g = it % nkv, t0 = it / nkv * ATTN_TOKENS;
+    const int64_t nkv = m->n_head_kv;
+    const int64_t g = it % nkv, t0 = it / nkv * ATTN_TOKENS, rows = tern_kv_row(s, layer, 0, g);
     const tern_attn_args a = {
         s->qkv + t0 * s->qkv_dim + g * group * hd, s->qkv_dim,
-        (const uint16_t *)s->k_cache + cache + g * hd, (const uint16_t *)s->v_cache + cache + g * hd,
-        s->kv_dim, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
+        (const uint16_t *)s->k_cache + rows, (const uint16_t *)s->v_cache + rows,
+        hd, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
         j->first + (int32_t)t0, (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS),
         group, hd, (float)(1.0 / sqrt((double)hd))};
     tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);

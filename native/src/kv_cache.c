@@ -5,10 +5,11 @@
 
 #include "f16.h"
 
-static int64_t row_at(const tern_session *s, int32_t layer, int32_t pos, int64_t g)
+int64_t tern_kv_row(const tern_session *s, int32_t layer, int32_t pos, int64_t g)
 {
-    return ((int64_t)layer * s->n_ctx + pos) * s->kv_dim + g * s->m->head_dim;
+    return (((int64_t)layer * s->m->n_head_kv + g) * s->n_ctx + pos) * s->m->head_dim;
 }
+
 
 static int64_t scale_at(const tern_session *s, int32_t layer, int32_t pos, int64_t g)
 {
@@ -17,7 +18,7 @@ static int64_t scale_at(const tern_session *s, int32_t layer, int32_t pos, int64
 
 void tern_kv_store(tern_session *s, bool is_v, int32_t layer, int32_t pos, int64_t g, const float *x)
 {
-    const int64_t hd = s->m->head_dim, at = row_at(s, layer, pos, g);
+    const int64_t hd = s->m->head_dim, at = tern_kv_row(s, layer, pos, g);
     void *cache = is_v ? s->v_cache : s->k_cache;
     if (s->kv_type == TERN_KV_F32) {
         memcpy((float *)cache + at, x, (size_t)hd * sizeof(float));
@@ -42,7 +43,7 @@ void tern_kv_store(tern_session *s, bool is_v, int32_t layer, int32_t pos, int64
 
 float tern_kv_dot(const tern_session *s, int32_t layer, int32_t pos, int64_t g, const float *q)
 {
-    const int64_t hd = s->m->head_dim, at = row_at(s, layer, pos, g);
+    const int64_t hd = s->m->head_dim, at = tern_kv_row(s, layer, pos, g);
     if (s->kv_type == TERN_KV_F16)
         return s->m->kern->dot_f16((const uint16_t *)s->k_cache + at, q, hd);
     float acc = 0.0f;
@@ -60,7 +61,7 @@ float tern_kv_dot(const tern_session *s, int32_t layer, int32_t pos, int64_t g, 
 
 void tern_kv_axpy(const tern_session *s, int32_t layer, int32_t pos, int64_t g, float a, float *y)
 {
-    const int64_t hd = s->m->head_dim, at = row_at(s, layer, pos, g);
+    const int64_t hd = s->m->head_dim, at = tern_kv_row(s, layer, pos, g);
     if (s->kv_type == TERN_KV_F16) {
         s->m->kern->axpy_f16(y, a, (const uint16_t *)s->v_cache + at, hd);
     } else if (s->kv_type == TERN_KV_F32) {

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "error.h"
+#include "kv_cache.h"
 
 /* Uninitialised: pages become resident only when first written (the KV cache fills as the
  * context grows; positions >= n_past are never read). */
@@ -177,12 +178,14 @@ int32_t tern_session_copy(tern_session *dst, const tern_session *src)
     if (src->n_past > dst->n_ctx)
         return tern_fail(TERN_ERR_CONTEXT, "tern_session_copy: %d positions do not fit a context of %d",
                          src->n_past, dst->n_ctx);
-    const size_t bytes = (size_t)src->kv_dim * (size_t)src->n_past * src->kv_elem;
+    const size_t bytes = (size_t)src->m->head_dim * (size_t)src->n_past * src->kv_elem;
     for (int32_t l = 0; l < src->m->n_layer; l++) {
-        const size_t so = (size_t)l * (size_t)src->n_ctx * (size_t)src->kv_dim * src->kv_elem;
-        const size_t d0 = (size_t)l * (size_t)dst->n_ctx * (size_t)dst->kv_dim * dst->kv_elem;
-        memcpy((char *)dst->k_cache + d0, (const char *)src->k_cache + so, bytes);
-        memcpy((char *)dst->v_cache + d0, (const char *)src->v_cache + so, bytes);
+        for (int64_t g = 0; g < src->m->n_head_kv; g++) {
+            const size_t so = (size_t)tern_kv_row(src, l, 0, g) * src->kv_elem;
+            const size_t d0 = (size_t)tern_kv_row(dst, l, 0, g) * dst->kv_elem;
+            memcpy((char *)dst->k_cache + d0, (const char *)src->k_cache + so, bytes);
+            memcpy((char *)dst->v_cache + d0, (const char *)src->v_cache + so, bytes);
+        }
         if (src->kv_type == TERN_KV_INT8) {
             const size_t nh = (size_t)src->m->n_head_kv, sb = nh * (size_t)src->n_past * sizeof(float);
             memcpy(dst->k_scale + (size_t)l * dst->n_ctx * nh, src->k_scale + (size_t)l * src->n_ctx * nh, sb);
