@@ -54,6 +54,7 @@ class BenchOptions:
     tokenizer: Path | None = None     # HF tokenizer dir for writing peer files (the model's vocab)
     seed: int = 1
     fill_ctx: bool = False            # also fill the whole KV cache and report that peak RSS
+    depth: int = 1                    # positions cached before decode (a chat's context so far)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,10 +140,11 @@ def measure_prompt(decoder, ids: list[int]) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t0
 
 
-def measure_decode(decoder, first: int, n: int) -> float:
-    """Seconds for n greedy single-token steps after a one-token prompt."""
+def measure_decode(decoder, prompt: list[int], n: int) -> float:
+    """Seconds for n greedy single-token steps after `prompt` (written in chunks of 512)."""
     decoder.truncate(0)
-    logits = decoder.forward([first])
+    for i in range(0, len(prompt), 512):
+        logits = decoder.forward(prompt[i:i + 512])
     t0 = time.perf_counter()
     for _ in range(n):
         logits = decoder.forward([int(np.argmax(logits))])
@@ -159,7 +161,7 @@ def fill_context(decoder, opts: BenchOptions) -> None:
 
 
 def measure_decoder(decoder, opts: BenchOptions) -> dict:
-    ids = prompt_ids(decoder.n_vocab, max(opts.pp), opts.seed)
+    ids = prompt_ids(decoder.n_vocab, max(opts.pp + (opts.depth,)), opts.seed)
     pp: dict[int, list[float]] = {n: [] for n in opts.pp}
     ttft: list[float] = []
     tg: list[float] = []
@@ -169,7 +171,7 @@ def measure_decoder(decoder, opts: BenchOptions) -> dict:
             pp[n].append(n / fwd)
             if n == max(opts.pp):
                 ttft.append(first)
-        tg.append(opts.tg / measure_decode(decoder, ids[0], opts.tg))
+        tg.append(opts.tg / measure_decode(decoder, ids[:opts.depth], opts.tg))
         log.info("run %d/%d: %s, tg%d %.2f tok/s", r + 1, opts.repeat,
                  ", ".join(f"pp{n} {v[-1]:.1f}" for n, v in pp.items()), opts.tg, tg[-1])
     out = {f"pp{n}_tps": summarize(v) for n, v in pp.items()}
@@ -182,14 +184,14 @@ def measure_decoder(decoder, opts: BenchOptions) -> dict:
 # Bytes read per decoded token
 # ---------------------------------------------------------------------------------------------
 
-def kv_bytes_per_token(n_layer: int, n_head_kv: int, head_dim: int, tg: int) -> float:
+def kv_bytes_per_token(n_layer: int, n_head_kv: int, head_dim: int, tg: int, depth: int = 1) -> float:
     """Mean KV-cache bytes read per step of measure_decode: step i (0-based) attends over the
-    one-token prompt, the i tokens before it and itself."""
+    `depth`-token prompt, the i tokens before it and itself."""
     per_position = n_layer * 2 * n_head_kv * head_dim * KV_BYTES
-    return per_position * statistics.mean(2 + i for i in range(tg))
+    return per_position * statistics.mean(depth + 1 + i for i in range(tg))
 
 
-def tern_bytes_per_token(model, lm_head: str, tg: int) -> dict:
+def tern_bytes_per_token(model, lm_head: str, tg: int, depth: int = 1) -> dict:
     """Tern's decode reads every ternary weight at 2 bits (the T2 layout), the LM head (int8
     copy + a f32 scale per row, or f16) and the KV cache."""
     hp = model.hparams
@@ -198,11 +200,11 @@ def tern_bytes_per_token(model, lm_head: str, tg: int) -> dict:
                             layer.w_down))
     head = hp.n_vocab * hp.n_embd * (1 if lm_head == "int8" else 2)
     head += hp.n_vocab * 4 if lm_head == "int8" else 0
-    kv = kv_bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, tg)
+    kv = kv_bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, tg, depth)
     return {"ternary": ternary, "lm_head": head, "kv": kv, "total": ternary + head + kv}
 
 
-def file_bytes_per_token(path: Path, tg: int) -> dict:
+def file_bytes_per_token(path: Path, tg: int, depth: int = 1) -> dict:
     """A peer reads every tensor of its file once per token, except the token embedding when a
     separate output matrix exists (then only looked up by row); plus the KV cache."""
     from engine.gguf_file import GGUFFile
@@ -216,7 +218,7 @@ def file_bytes_per_token(path: Path, tg: int) -> dict:
         n_head = md[f"{arch}.attention.head_count"]
         head_dim = md[f"{arch}.embedding_length"] // n_head
         kv = kv_bytes_per_token(md[f"{arch}.block_count"],
-                                md.get(f"{arch}.attention.head_count_kv", n_head), head_dim, tg)
+                                md.get(f"{arch}.attention.head_count_kv", n_head), head_dim, tg, depth)
     return {"weights_without_head": weights - head, "lm_head": head, "kv": kv,
             "total": weights + kv}
 
@@ -255,7 +257,7 @@ def bench_tern(opts: BenchOptions, lm_head: str) -> dict:
         decoder.close()
     model = load_model(opts.model)
     try:
-        result["bytes_per_token"] = tern_bytes_per_token(model, lm_head, opts.tg)
+        result["bytes_per_token"] = tern_bytes_per_token(model, lm_head, opts.tg, opts.depth)
     finally:
         model.close()
     return result
@@ -278,7 +280,7 @@ def bench_llama_cpp(path: Path, opts: BenchOptions) -> dict:
         result["peak_rss_scope"] = "engine" if scoped else "process"
     finally:
         decoder.close()
-    result["bytes_per_token"] = file_bytes_per_token(path, opts.tg)
+    result["bytes_per_token"] = file_bytes_per_token(path, opts.tg, opts.depth)
     return result
 
 
@@ -327,9 +329,11 @@ def run_bench(opts: BenchOptions) -> dict:
     decode bandwidth is compared with (all samples are in the report)."""
     if opts.repeat < 1 or opts.threads < 1 or opts.tg < 1 or not opts.pp or min(opts.pp) < 1:
         raise BenchError("repeat, threads, tg and the prompt lengths must be at least 1")
+    if not 1 <= opts.depth <= opts.n_ctx - opts.tg:
+        raise BenchError(f"--depth must be 1..{opts.n_ctx - opts.tg} (the context less --tg)")
     peers = peer_files(opts) if opts.peer else []
     report = {"machine": machine_info(), "threads": opts.threads, "repeat": opts.repeat,
-              "n_ctx": opts.n_ctx, "engines": [], "ratios": {}}
+              "n_ctx": opts.n_ctx, "decode_depth": opts.depth, "engines": [], "ratios": {}}
     counts = sorted({1, opts.threads})
     samples: dict[str, list[float]] = {str(t): [] for t in counts}
 

@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (median and best)")
     p.add_argument("--ctx", type=int, default=4096, help="KV cache length (f16)")
     p.add_argument("--tg", type=int, default=128, help="decoded tokens per decode run")
+    p.add_argument("--depth", type=int, default=1,
+                   help="prompt tokens cached before decode (default 1; e.g. 3584: a long chat)")
     p.add_argument("--probe-mb", type=int, default=1024,
                    help="bandwidth probe buffer (MiB; larger than the last-level cache)")
     p.add_argument("--peer", choices=PEERS, help="also run this engine on TQ2_0/TQ1_0 files")
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, threads=args.threads, backend=args.backend,
                         lm_heads=args.lm_head, repeat=args.repeat, n_ctx=args.ctx, tg=args.tg,
                         probe_mb=args.probe_mb, peer=args.peer, peer_models=args.peer_model,
-                        peer_dir=args.peer_dir, tokenizer=args.tokenizer, fill_ctx=args.fill_ctx)
+                        peer_dir=args.peer_dir, tokenizer=args.tokenizer, fill_ctx=args.fill_ctx,
+                        depth=args.depth)
     report = run_bench(opts)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -81,7 +84,8 @@ def format_report(report: dict, opts: BenchOptions) -> str:
         head = f" {e['lm_head']} head" if "lm_head" in e else ""
         lines.append(f"{e['engine']}{head} [{e['kernel']}] {Path(e['model']).name}")
         for key in pps + [tg]:
-            lines.append(f"  {key[:-4]:>6}: {e[key]['median']:8.2f} / {e[key]['best']:8.2f} tok/s")
+            at = f" after {opts.depth} cached" if key == tg and opts.depth > 1 else ""
+            lines.append(f"  {key[:-4]:>6}: {e[key]['median']:8.2f} / {e[key]['best']:8.2f} tok/s{at}")
         lines.append(f"  ttft  : {e[ttft]['median']:8.3f} / {e[ttft]['best']:8.3f} s")
         frac = e["decode_bandwidth_fraction"]
         lines.append(f"  decode: {e['decode_gbps']['median']:.1f} GB/s = "
@@ -102,7 +106,8 @@ def format_markdown(report: dict, opts: BenchOptions) -> str:
     tg, ttft = f"tg{opts.tg}_tps", f"ttft{max(opts.pp)}_s"
     pps = [f"pp{n}_tps" for n in opts.pp]
     head = (["engine", "file", "LM head", "threads"] + [k[:-4] + " tok/s" for k in pps]
-            + [tg[:-4] + " tok/s", "TTFT " + ttft[4:-2] + " s", "decode GB/s (of probe)",
+            + [tg[:-4] + (f" after {opts.depth}" if opts.depth > 1 else "") + " tok/s",
+               "TTFT " + ttft[4:-2] + " s", "decode GB/s (of probe)",
                "peak RSS MiB", "load s"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in report["engines"]:

@@ -84,6 +84,26 @@ def test_bench_peer_llama_cpp(capsys, tiny_model_path, tmp_path, llama3_tokenize
             report["engines"][0]["tg16_tps"]["median"] / peer["tg16_tps"]["median"])
 
 
+def test_decode_after_a_cached_context(capsys, tiny_model_path):
+    """--depth N decodes after an N-token prompt: the KV bytes counted per step grow with N."""
+    path = tiny_model_path("i2_s", tokenizer=False)
+    shallow = run_cli(capsys, "--model", str(path), "--ctx", "1024")
+    deep = run_cli(capsys, "--model", str(path), "--ctx", "1024", "--depth", "700")
+    assert shallow["decode_depth"] == 1 and deep["decode_depth"] == 700
+    check_engine(deep["engines"][0], deep["bandwidth_gbps"]["1"])
+    model = load_model(path)
+    try:
+        hp = model.hparams
+    finally:
+        model.close()
+    per_position = hp.n_layer * 2 * hp.n_head_kv * hp.head_dim * 2          # f16 K and V
+    kv = [r["engines"][0]["bytes_per_token"]["kv"] for r in (shallow, deep)]
+    # step i attends over depth + 1 + i positions; the mean over 16 steps is depth + 8.5
+    assert kv == [pytest.approx(per_position * 9.5), pytest.approx(per_position * 708.5)]
+    assert main(["bench", "--model", str(path), "--ctx", "256", "--depth", "250"]) == 2
+    assert "--depth must be 1..128" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_errors(capsys, tiny_model_path):
     path = tiny_model_path("i2_s", tokenizer=False)
     assert main(["bench", "--model", str(path), "--repeat", "0"]) == 2
