@@ -183,6 +183,35 @@ def test_decode_graph_equals_prefill(byte_model):
 
 @gpu
 @pytest.mark.parametrize("fmt,kv", [("i2_s", "f32"), ("tq2_0", "f16")])
+def test_fused_norm_decode_matches_separate_norms(byte_model, monkeypatch, fmt, kv):
+    """Decode with the norm statistics carried by the producing kernels (the default) against
+    decode with the separate norm kernels (TERN_CUDA_FUSED_NORM=0) and against one prefill, and
+    its greedy tokens against the reference."""
+    path = byte_model(fmt)
+    ids = teacher_ids(259, 40)
+    runs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("TERN_CUDA_FUSED_NORM", fused)
+        with _cuda_decoder(path, 64, lm_head="f16", kv_type=kv) as dec:
+            full = dec.forward(ids, all_logits=True)
+            dec.truncate(0)
+            runs[fused] = np.stack([dec.forward([int(t)]) for t in ids])
+            if fused == "1":
+                dec.truncate(0)
+                got_tokens, _ = greedy(dec, ids[:8], 24)
+    for steps in runs.values():
+        assert top5_agreement(full, steps) >= TOP5_MIN_AGREEMENT
+        np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
+    assert top5_agreement(runs["0"], runs["1"]) >= TOP5_MIN_AGREEMENT
+    want_tokens, margins = greedy(ReferenceDecoder(load_model(path), n_ctx=64), ids[:8], 24)
+    for step, (w, g, m) in enumerate(zip(want_tokens, got_tokens, margins)):
+        if m < GREEDY_MARGIN:
+            break
+        assert w == g, f"greedy token {step} differs: reference {w}, cuda {g} (margin {m:.3f})"
+
+
+@gpu
+@pytest.mark.parametrize("fmt,kv", [("i2_s", "f32"), ("tq2_0", "f16")])
 def test_persistent_decode_matches_prefill_and_reference(byte_model, monkeypatch, fmt, kv):
     """TERN_CUDA_PERSISTENT=1 (one cooperative kernel per decode step, sm_90): decode against
     one prefill of the same tokens, greedy tokens against the reference, and its per-shape
@@ -243,8 +272,8 @@ def test_open_decoder_backend_cuda(byte_model):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_memcheck_is_clean(byte_model, tmp_path):
-    """Kernels, prefill (GEMM path, two chunks of 512), decode (graph; per-operation kernels and
-    the persistent kernel) under compute-sanitizer memcheck."""
+    """Kernels, prefill (GEMM path, two chunks of 512), decode (graph; per-operation kernels with
+    fused or separate norms, and the persistent kernel) under compute-sanitizer memcheck."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import os
@@ -257,9 +286,11 @@ def test_memcheck_is_clean(byte_model, tmp_path):
             w = pack_t2(random_ternary(rng, rows, k))
             cuda.run_kernel("gemv_t2" if n == 1 else "gemm_t2", w, rows, k, random_int8(rng, n, k))
             cuda.run_kernel("gemm_i8", random_int8(rng, rows, k), rows, k, random_int8(rng, 2, k))
-        for fmt, head, kv, persistent in [("i2_s", "int8", "f16", "0"), ("f16", "f16", "f32", "0"),
-                                          ("i2_s", "int8", "f16", "1")]:
+        # decode: fused norms (default), separate norm kernels, the persistent kernel
+        for fmt, head, kv, persistent, fused in [("i2_s", "int8", "f16", "0", "1"), ("f16", "f16", "f32", "0", "0"),
+                                                 ("i2_s", "int8", "f16", "1", "1")]:
             os.environ["TERN_CUDA_PERSISTENT"] = persistent
+            os.environ["TERN_CUDA_FUSED_NORM"] = fused
             path = {str(byte_model("i2_s"))!r} if fmt == "i2_s" else {str(byte_model("f16"))!r}
             with native.NativeDecoder(load_model(path), n_ctx=600, device="cuda", lm_head=head, kv_type=kv) as d:
                 d.forward(rng.integers(0, 259, 530), all_logits=True)

@@ -119,8 +119,27 @@ struct fused_gemv {
     const int32_t *pos;
     int head_dim, n_head, n_head_kv, kv_f32;
     void *k_cache, *v_cache;
+    /* Decode with the norm statistics carried by the producers (TERN_CUDA_FUSED_NORM, on by
+     * default). in_xw (set): the input is not xq/meta but in_xw[i] = v_i * w_i (v the vector to
+     * normalize, w its RMSNorm weights) and in_nparts partial statistics (sum v^2, max |v w|)
+     * written by the producer's blocks; every block quantizes in_xw itself, without a
+     * block-wide reduction (the scale follows from the partials). */
+    const float *in_xw;
+    const float2 *in_stats;
+    int in_nparts;
+    float eps;
+    /* out_stats (set; EPI_ADD or glu): this kernel produces the next norm's input, so it also
+     * writes out_xw = value * out_nw and one partial (sum value^2, max |value * out_nw|) per
+     * block at out_stats[blockIdx.x]. */
+    float *out_xw;
+    float2 *out_stats;
+    const float *out_nw;
 };
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st);
+/* Blocks of the fused GEMV's grid (the number of partials it writes as a producer). */
+int64_t gemv_t2_fused_blocks(const fused_gemv &a);
+/* The widest input the in-block quantization takes (shared memory of the fused GEMV). */
+constexpr int kFusedNormMaxWidth = 8192;
 
 /* gemm.cu: n tokens (int8, row stride cols) with tensor cores; out[t * ldo + r]. */
 int32_t launch_gemm(const dmat &m, bool t2, const int8_t *xq, const act_meta *meta, int32_t n,
@@ -142,6 +161,10 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
                          const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
-                         cudaStream_t st);
+                         cudaStream_t st, const float *nw = NULL, float *xw = NULL, float2 *stats = NULL);
+/* The first producer of a fused-norm decode step (one token): xw = x * w and one partial
+ * (sum x^2, max |x w|) at stats[0], for the first layer's attn_norm. */
+int32_t launch_norm_stats(const float *x, const float *w, int64_t width, float *xw, float2 *stats,
+                          cudaStream_t st);
 
 #endif

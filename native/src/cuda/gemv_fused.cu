@@ -46,10 +46,52 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
     return 2 * unit + r;
 }
 
-template <int NCH, int MODE>
+/* Fused-norm input (a.in_xw): the scale of the normalized vector from the producer's partials,
+ * then every element of in_xw quantized into the block's shared memory. Each warp sums the
+ * partials itself, in the same order (lane-strided, then the butterfly), so every warp of every
+ * block gets the same bits and no block-wide reduction is needed before the dot products.
+ * rms = sqrt(sum v^2 / n + eps) as ops.c; the normalized value is (v w) * (1/rms), so
+ * amax = max |v w| * (1/rms) is its exact maximum (multiplication is monotonic); the CPU
+ * computes v / rms * w, so values differ from it in the last bit. */
+__device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
+{
+    const int lane = threadIdx.x & 31;
+    float ss = 0.0f, mx = 0.0f;
+    for (int i = lane; i < a.in_nparts; i += 32) {
+        const float2 p = a.in_stats[i];
+        ss = __fadd_rn(ss, p.x);
+        mx = fmaxf(mx, p.y);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    const float inv = __frcp_rn(sqrtf(__fadd_rn(__fdiv_rn(ss, (float)a.width), a.eps)));
+    const float amax = __fmul_rn(mx, inv);
+    const float s = __fdiv_rn(127.0f, amax > 1e-5f ? amax : 1e-5f);
+    const float4 *src = reinterpret_cast<const float4 *>(a.in_xw);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < a.width / 4; i += kThreads) {
+        const float4 v = src[i];
+        const float f[4] = {v.x, v.y, v.z, v.w};
+        uint32_t packed = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float q = fminf(fmaxf(rintf(__fmul_rn(__fmul_rn(f[j], inv), s)), -128.0f), 127.0f);
+            packed |= (uint32_t)(uint8_t)(int8_t)q << (8 * j);
+        }
+        reinterpret_cast<uint32_t *>(xs)[i] = packed;
+    }
+    __syncthreads();
+    return s;
+}
+
+template <int NCH, int MODE, bool NQ>
 __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8) gemv_t2_fused_kernel(const fused_gemv a)
 {
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
+    /* NQ: the int8 input, quantized by this block (kFusedNormMaxWidth bytes) */
+    __shared__ __align__(16) int8_t xs[NQ ? kFusedNormMaxWidth : 16];
     const int lane = threadIdx.x & 31;
     const int64_t unit = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
     int64_t row[R];
@@ -70,13 +112,34 @@ __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8)
             if (valid[r] && ch < a.nchunks)
                 wv[r][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + row[r] * rbytes + ch * 16));
         }
-    grid_wait(); /* the quantized input comes from the previous kernel */
-    const int8_t *qs = a.xq;
-    const float s = a.meta->s;
-    const int sum = a.meta->sum;
-    if (!valid[0])
+    /* a producer's next-norm weights of its outputs are constant too: before the wait (only the
+     * fused-norm step produces, and it always consumes that way too: the plain kernels stay as
+     * they were) */
+    const bool produce = NQ && a.out_stats != nullptr;
+    float onw[2] = {0.0f, 0.0f};
+    if (produce && lane == 0)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int64_t o = MODE == MODE_GLU ? 2 * unit + r : row[r];
+            if (valid[r])
+                onw[r] = a.out_nw[o];
+        }
+    grid_wait(); /* the input comes from the previous kernel */
+    const int8_t *qs;
+    float s;
+    int sum = 0;
+    if (NQ) {
+        s = quantize_block(a, xs); /* every thread of the block takes part */
+        qs = xs;
+    } else {
+        qs = a.xq;
+        s = a.meta->s;
+        sum = a.meta->sum;
+    }
+    /* a producer's block reduces its partial at the end (a barrier): no warp leaves early then */
+    if (!valid[0] && !produce)
         return;
-    int32_t acc[R];
+    int32_t acc[R], qsum = 0;
 #pragma unroll
     for (int r = 0; r < R; r++)
         acc[r] = 0;
@@ -91,6 +154,10 @@ __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8)
             const int4 v = *reinterpret_cast<const int4 *>(qs + (ch >> 1) * 128 + g * 32 + (ch & 1) * 16);
             xr[g * 4 + 0] = v.x; xr[g * 4 + 1] = v.y; xr[g * 4 + 2] = v.z; xr[g * 4 + 3] = v.w;
         }
+        if (NQ) /* sum(q) for the codes' offset: every warp reads the whole input anyway */
+#pragma unroll
+            for (int k = 0; k < 16; k++)
+                qsum = __dp4a(xr[k], 0x01010101, qsum);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const uint32_t words[4] = {wv[r][c].x, wv[r][c].y, wv[r][c].z, wv[r][c].w};
@@ -105,58 +172,101 @@ __global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8)
     for (int r = 0; r < R; r++)
         for (int o = 16; o > 0; o >>= 1)
             acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-    if (lane != 0)
-        return;
-    float y[R];
+    if (NQ) {
+        for (int o = 16; o > 0; o >>= 1)
+            qsum += __shfl_xor_sync(0xffffffffu, qsum, o);
+        sum = qsum;
+    }
+    float ss = 0.0f, mx = 0.0f; /* a producer's statistics of the values this warp writes */
+    if (lane == 0 && valid[0]) {
+        float y[R];
 #pragma unroll
-    for (int r = 0; r < R; r++)
-        y[r] = valid[r] && a.epi != EPI_RAW ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), a.scale[row[r]]) : 0.0f;
-    if (MODE == MODE_PLAIN) {
+        for (int r = 0; r < R; r++)
+            y[r] = valid[r] && a.epi != EPI_RAW ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), a.scale[row[r]])
+                                                : 0.0f;
+        if (MODE == MODE_PLAIN) {
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            if (!valid[r])
-                continue;
-            if (a.epi == EPI_RAW) /* the exact dot product (kernel tests) */
-                reinterpret_cast<int32_t *>(a.out)[row[r]] = acc[r] - sum;
-            else
-                a.out[row[r]] = a.epi == EPI_ADD ? __fadd_rn(a.out[row[r]], y[r]) : y[r];
+            for (int r = 0; r < R; r++) {
+                if (!valid[r])
+                    continue;
+                if (a.epi == EPI_RAW) { /* the exact dot product (kernel tests) */
+                    reinterpret_cast<int32_t *>(a.out)[row[r]] = acc[r] - sum;
+                    continue;
+                }
+                const float v = a.epi == EPI_ADD ? __fadd_rn(a.out[row[r]], y[r]) : y[r];
+                a.out[row[r]] = v;
+                if (produce) {
+                    const float vw = __fmul_rn(v, onw[r]);
+                    a.out_xw[row[r]] = vw;
+                    ss = __fadd_rn(ss, __fmul_rn(v, v));
+                    mx = fmaxf(mx, fabsf(vw));
+                }
+            }
+        } else if (MODE == MODE_GLU) { /* act(gate) * up, as the CPU decoder: ffn = act(g); ffn *= u */
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                if (valid[r]) {
+                    const float v = __fmul_rn(act(y[r], a.relu2), y[r + 2]);
+                    a.out[2 * unit + r] = v;
+                    if (produce) {
+                        const float vw = __fmul_rn(v, onw[r]);
+                        a.out_xw[2 * unit + r] = vw;
+                        ss = __fadd_rn(ss, __fmul_rn(v, v));
+                        mx = fmaxf(mx, fabsf(vw));
+                    }
+                }
+        } else {
+            const int half = a.head_dim / 2;
+            const int64_t head = row[0] / a.head_dim, j = unit % half, pos = *a.pos;
+            const int64_t e = (int64_t)a.n_head * a.head_dim, kv_dim = (int64_t)a.n_head_kv * a.head_dim;
+            float ya = y[0], yb = y[1];
+            if (head < a.n_head + a.n_head_kv) { /* q or k: NeoX rotate-half */
+                const float c = a.rope_cos[pos * half + j], sn = a.rope_sin[pos * half + j];
+                const float y1 = __fsub_rn(__fmul_rn(ya, c), __fmul_rn(yb, sn));
+                const float y2 = __fadd_rn(__fmul_rn(yb, c), __fmul_rn(ya, sn));
+                ya = y1;
+                yb = y2;
+            }
+            a.out[row[0]] = ya;
+            a.out[row[1]] = yb;
+            if (head >= a.n_head) {
+                const bool is_k = head < a.n_head + a.n_head_kv;
+                const int64_t off = row[0] - e - (is_k ? 0 : kv_dim);
+                void *cache = is_k ? a.k_cache : a.v_cache;
+                put(cache, a.kv_f32, pos * kv_dim + off, ya);
+                put(cache, a.kv_f32, pos * kv_dim + off + half, yb);
+            }
         }
-        return;
     }
-    if (MODE == MODE_GLU) { /* act(gate) * up, as the CPU decoder: ffn = act(g); ffn *= u */
+    if (!produce)
+        return;
+    /* one partial per block, its warps in order: the consumer sums the blocks' partials in a
+     * fixed order, so the result is deterministic (no atomics) */
+    __shared__ float2 red[kWarps];
+    if (lane == 0)
+        red[threadIdx.x / 32] = make_float2(ss, mx);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float2 p = red[0];
 #pragma unroll
-        for (int r = 0; r < 2; r++)
-            if (valid[r])
-                a.out[2 * unit + r] = __fmul_rn(act(y[r], a.relu2), y[r + 2]);
-        return;
-    }
-    const int half = a.head_dim / 2;
-    const int64_t head = row[0] / a.head_dim, j = unit % half, pos = *a.pos;
-    const int64_t e = (int64_t)a.n_head * a.head_dim, kv_dim = (int64_t)a.n_head_kv * a.head_dim;
-    float ya = y[0], yb = y[1];
-    if (head < a.n_head + a.n_head_kv) { /* q or k: NeoX rotate-half */
-        const float c = a.rope_cos[pos * half + j], sn = a.rope_sin[pos * half + j];
-        const float y1 = __fsub_rn(__fmul_rn(ya, c), __fmul_rn(yb, sn));
-        const float y2 = __fadd_rn(__fmul_rn(yb, c), __fmul_rn(ya, sn));
-        ya = y1;
-        yb = y2;
-    }
-    a.out[row[0]] = ya;
-    a.out[row[1]] = yb;
-    if (head >= a.n_head) {
-        const bool is_k = head < a.n_head + a.n_head_kv;
-        const int64_t off = row[0] - e - (is_k ? 0 : kv_dim);
-        void *cache = is_k ? a.k_cache : a.v_cache;
-        put(cache, a.kv_f32, pos * kv_dim + off, ya);
-        put(cache, a.kv_f32, pos * kv_dim + off + half, yb);
+        for (int w = 1; w < kWarps; w++) {
+            p.x = __fadd_rn(p.x, red[w].x);
+            p.y = fmaxf(p.y, red[w].y);
+        }
+        a.out_stats[blockIdx.x] = p;
     }
 }
 
 template <int MODE>
 cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv &a)
 {
-    void (*k)(fused_gemv) = per == 1 ? gemv_t2_fused_kernel<1, MODE> : per == 2 ? gemv_t2_fused_kernel<2, MODE>
-                          : per == 3 ? gemv_t2_fused_kernel<3, MODE> : gemv_t2_fused_kernel<4, MODE>;
+    void (*k)(fused_gemv);
+    if (a.in_xw)
+        k = per == 1 ? gemv_t2_fused_kernel<1, MODE, true> : per == 2 ? gemv_t2_fused_kernel<2, MODE, true>
+          : per == 3 ? gemv_t2_fused_kernel<3, MODE, true> : gemv_t2_fused_kernel<4, MODE, true>;
+    else
+        k = per == 1 ? gemv_t2_fused_kernel<1, MODE, false> : per == 2 ? gemv_t2_fused_kernel<2, MODE, false>
+          : per == 3 ? gemv_t2_fused_kernel<3, MODE, false> : gemv_t2_fused_kernel<4, MODE, false>;
     return cudaLaunchKernelEx(&cfg, k, a);
 }
 
@@ -173,19 +283,27 @@ int32_t launch_gemv_t2(const dmat &m, const int8_t *xq, const act_meta *meta, vo
     return launch_gemv_t2_fused(a, st);
 }
 
+int64_t gemv_t2_fused_blocks(const fused_gemv &a)
+{
+    const int64_t units = a.glu ? a.rows / 4 : (a.rows + 1) / 2;
+    return (units + kWarps - 1) / kWarps;
+}
+
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
 {
     const int mode = a.rope ? MODE_ROPE : a.glu ? MODE_GLU : MODE_PLAIN;
-    if (a.width % 128 != 0 || !a.xq || !a.meta || (mode == MODE_ROPE && a.rows % a.head_dim != 0) ||
+    const bool input_ok = a.in_xw ? a.in_stats && a.in_nparts > 0 && a.width <= kFusedNormMaxWidth : a.xq && a.meta;
+    const bool output_ok = !a.out_stats || (a.in_xw && a.out_xw && a.out_nw && mode != MODE_ROPE &&
+                                            (mode == MODE_GLU || a.epi != EPI_RAW));
+    if (a.width % 128 != 0 || !input_ok || !output_ok || (mode == MODE_ROPE && a.rows % a.head_dim != 0) ||
         (mode == MODE_GLU && a.rows % 4 != 0))
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: width %d / rows %lld not supported", a.width,
                          (long long)a.rows);
     const int per = (a.nchunks + 31) / 32;
     if (per < 1 || per > 4)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: %d chunks per lane", per);
-    const int64_t units = mode == MODE_GLU ? a.rows / 4 : (a.rows + 1) / 2;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = (unsigned)((units + kWarps - 1) / kWarps);
+    cfg.gridDim = (unsigned)gemv_t2_fused_blocks(a);
     cfg.blockDim = kThreads;
     cfg.stream = st;
     cudaLaunchAttribute attr;

@@ -47,6 +47,11 @@ struct tern_cuda_session {
     float *x, *qkv, *h, *att, *xf, *partial, *logits, *rope_cos, *rope_sin;
     int8_t *xq;
     act_meta *meta;
+    /* fused-norm decode (TERN_CUDA_FUSED_NORM, default on; NULL where off): the next norm's
+     * input times its weights and the producer blocks' partial statistics, two of each used in
+     * turn, so a kernel never reads the buffer it writes */
+    float *nxw[2];
+    float2 *nstats[2];
     int *counters;             /* TERN_CUDA_CHUNK x n_head_kv split counters of the attention (zero) */
     int32_t *pos;              /* device: the chunk's first position (read by the graph) */
     float *host_x;             /* pinned: TERN_CUDA_CHUNK x n_embd embedding rows */

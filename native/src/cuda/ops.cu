@@ -176,7 +176,8 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
 attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
                  const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,
                  const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial,
-                 int *__restrict__ counters, float *__restrict__ out)
+                 int *__restrict__ counters, float *__restrict__ out, const float *__restrict__ nw,
+                 float *__restrict__ xw, float2 *__restrict__ stats)
 {
     constexpr int HD = D * 32;
     const int grp = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
@@ -287,11 +288,62 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         for (int i = 0; i < D; i++)
             acc[i] += __ldcg(src + s2 * (HD + 2) + 2 + lane * D + i) * f;
     }
+    float ss = 0.0f, mx = 0.0f;
 #pragma unroll
-    for (int i = 0; i < D; i++)
-        out[(int64_t)t * e + (int64_t)h * HD + lane * D + i] = acc[i] / L;
+    for (int i = 0; i < D; i++) {
+        const int64_t at = (int64_t)t * e + (int64_t)h * HD + lane * D + i;
+        const float v = acc[i] / L;
+        out[at] = v;
+        if (stats) { /* fused-norm decode: this block produces the heads of its group */
+            const float vw = __fmul_rn(v, nw[at]);
+            xw[at] = vw;
+            ss = __fadd_rn(ss, __fmul_rn(v, v));
+            mx = fmaxf(mx, fabsf(vw));
+        }
+    }
     if (threadIdx.x == 0)
         counters[t * n_head_kv + grp] = 0; /* ready for the next launch */
+    if (!stats)
+        return;
+    /* one partial per KV group (stats[grp]; decode only, t = 0), the warps summed in order */
+    __shared__ float2 red[kMaxGroup];
+    for (int off = 16; off > 0; off >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    }
+    if (lane == 0)
+        red[warp] = make_float2(ss, mx);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float2 p = red[0];
+        for (int w2 = 1; w2 < gs; w2++) {
+            p.x = __fadd_rn(p.x, red[w2].x);
+            p.y = fmaxf(p.y, red[w2].y);
+        }
+        stats[grp] = p;
+    }
+}
+
+/* One block: the first producer of a fused-norm decode step (the embedding row has no kernel
+ * that writes it). */
+__global__ void __launch_bounds__(kNormThreads)
+norm_stats_kernel(const float *__restrict__ x, const float *__restrict__ w, int width, float *__restrict__ xw,
+                  float2 *__restrict__ stats)
+{
+    __shared__ float sf[32];
+    grid_launch_dependents(); /* one block: the q|k|v GEMV loads its weights meanwhile */
+    grid_wait();
+    float ss = 0.0f, mx = 0.0f;
+    for (int i = threadIdx.x; i < width; i += kNormThreads) {
+        const float v = x[i], vw = __fmul_rn(v, w[i]);
+        xw[i] = vw;
+        ss = __fadd_rn(ss, __fmul_rn(v, v));
+        mx = fmaxf(mx, fabsf(vw));
+    }
+    ss = block_reduce(ss, add_f(), sf, 0.0f);
+    mx = block_reduce(mx, max_f(), sf, 0.0f);
+    if (threadIdx.x == 0)
+        stats[0] = make_float2(ss, mx);
 }
 
 } // namespace
@@ -310,6 +362,15 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
     return cuda_launch_status("norm_quant");
 }
 
+int32_t launch_norm_stats(const float *x, const float *w, int64_t width, float *xw, float2 *stats,
+                          cudaStream_t st)
+{
+    if (width < 1 || width > kFusedNormMaxWidth)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda norm stats: width %lld", (long long)width);
+    LAUNCH("norm_stats", norm_stats_kernel, 1, kNormThreads, st, x, w, (int)width, xw, stats);
+    return cuda_launch_status("norm_stats");
+}
+
 int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
                           const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st)
@@ -324,23 +385,34 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
     return cuda_launch_status("rope_store");
 }
 
+struct att_stats {
+    const float *nw;
+    float *xw;
+    float2 *stats;
+};
+
 template <int D>
 static cudaError_t attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const float *qkv, int n_head, int n_head_kv,
                                  const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial,
-                                 int *counters, float *out)
+                                 int *counters, float *out, att_stats as)
 {
     if (kv_f32)
         return launch_k(attention_kernel<D, float>, grid, 32 * (n_head / n_head_kv), st, qkv, n_head, n_head_kv,
-                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial, counters, out);
+                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial, counters, out, as.nw,
+                        as.xw, as.stats);
     return launch_k(attention_kernel<D, __half>, grid, 32 * (n_head / n_head_kv), st, qkv, n_head, n_head_kv,
-                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial, counters, out);
+                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial, counters, out, as.nw, as.xw,
+                    as.stats);
 }
 
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
                          const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
-                         cudaStream_t st)
+                         cudaStream_t st, const float *nw, float *xw, float2 *stats)
 {
+    if (stats && (n != 1 || !nw || !xw))
+        return tern_fail(TERN_ERR_INVALID, "cuda attention: norm statistics are for one token");
+    const att_stats as = {nw, xw, stats};
     if (n_split < 1 || n_split > 64 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: %d heads over %d KV heads (%d splits)", n_head,
                          n_head_kv, n_split);
@@ -348,10 +420,10 @@ int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_
     const float scale = (float)(1.0 / sqrt((double)head_dim));
     cudaError_t err;
     switch (head_dim) {
-    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
-    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
-    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
-    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
+    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
+    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
+    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
     default:
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
     }

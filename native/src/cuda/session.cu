@@ -21,6 +21,66 @@ int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, i
             return st_;             \
     } while (0)
 
+/* TERN_CUDA_FUSED_NORM=0: decode with the separate norm + quantization kernels (A/B). */
+static bool fused_norm_enabled(void)
+{
+    const char *env = getenv("TERN_CUDA_FUSED_NORM");
+    return !(env && strcmp(env, "0") == 0);
+}
+
+/* The decode step without norm kernels: each kernel that produces a normalized GEMV's input
+ * (the previous down or, for layer 0, norm_stats; attention's merging blocks; wo; gate|up)
+ * also writes that input times the norm weights and per-block partial statistics, and the
+ * GEMV quantizes it in every block (gemv_fused.cu). Phases of a layer use buffers 0, 1, 0, 1:
+ * a kernel reads one and writes the other. */
+static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32_t *nparts)
+{
+    const tern_cuda_model *m = s->m;
+    const hv_model *h = &m->hv;
+    const cuda_layer *L = &m->layers[l];
+    const int64_t e = h->n_embd, ff = h->n_ff;
+    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
+    const bool f32 = s->kv_type == TERN_KV_F32;
+    const bool last = l + 1 == h->n_layer; /* the output norm keeps its kernel (LM head input) */
+    cudaStream_t st = s->stream;
+    fused_gemv a = {};
+    a.relu2 = h->activation == TERN_ACT_RELU2;
+    a.head_dim = h->head_dim;
+    a.n_head = h->n_head;
+    a.n_head_kv = h->n_head_kv;
+    a.kv_f32 = f32;
+    a.eps = h->rms_eps;
+    /* in: buffer b (nparts partials); out (next_nw set): buffer 1 - b */
+    auto gemv = [&](const dmat &w, int b, int width, float *out, int epi, const float *next_nw) {
+        a.w = w.w; a.rows = w.rows; a.nchunks = (int32_t)(w.cols / 64); a.scale = w.scale;
+        a.width = width; a.out = out; a.epi = epi;
+        a.in_xw = s->nxw[b]; a.in_stats = s->nstats[b]; a.in_nparts = *nparts;
+        a.out_nw = next_nw;
+        a.out_xw = next_nw ? s->nxw[1 - b] : NULL;
+        a.out_stats = next_nw ? s->nstats[1 - b] : NULL;
+        if (next_nw)
+            *nparts = (int32_t)gemv_t2_fused_blocks(a);
+        return launch_gemv_t2_fused(a, st);
+    };
+    a.rope = 1;
+    a.rope_cos = s->rope_cos;
+    a.rope_sin = s->rope_sin;
+    a.pos = s->pos;
+    a.k_cache = s->k_cache + cache_at;
+    a.v_cache = s->v_cache + cache_at;
+    TRY(gemv(L->qkv, 0, (int)e, s->qkv, EPI_STORE, NULL));
+    a.rope = 0;
+    TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                         s->v_cache + cache_at, f32, s->pos, TERN_CUDA_DECODE_SPLIT, s->partial, s->counters,
+                         s->att, st, L->attn_sub_norm, s->nxw[1], s->nstats[1]));
+    *nparts = h->n_head_kv; /* one partial per KV group's merging block */
+    TRY(gemv(L->wo, 1, (int)e, s->x, EPI_ADD, L->ffn_norm));
+    a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
+    TRY(gemv(L->gate_up, 0, (int)e, s->h, EPI_STORE, L->ffn_sub_norm));
+    a.glu = 0;
+    return gemv(L->down, 1, (int)ff, s->x, EPI_ADD, last ? NULL : m->layers[l + 1].attn_norm);
+}
+
 /* One decode step of a layer: norm+quant, q|k|v with RoPE and the KV store, attention,
  * norm+quant, wo, norm+quant, gate|up with the GLU, norm+quant, down. */
 static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
@@ -98,7 +158,12 @@ int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32
     const hv_model *h = &m->hv;
     if (n == 1 && s->persist)
         TRY(launch_persist(s, s->persist, -1));
-    else
+    else if (n == 1 && s->nxw[0] && fused_norm_enabled()) {
+        TRY(launch_norm_stats(s->x, m->layers[0].attn_norm, h->n_embd, s->nxw[0], s->nstats[0], s->stream));
+        int32_t nparts = 1;
+        for (int32_t l = 0; l < h->n_layer; l++)
+            TRY(enqueue_layer_decode_fused(s, l, &nparts));
+    } else
         for (int32_t l = 0; l < h->n_layer; l++)
             TRY(n == 1 ? enqueue_layer_decode(s, l) : enqueue_layer(s, l, n));
     if (!want_logits)
@@ -136,6 +201,16 @@ static int32_t session_alloc(tern_cuda_session *s)
                              "(%d positions)", want[i].bytes, s->n_ctx);
         }
     CUDA_TRY(cudaMemset(s->counters, 0, T * (size_t)h->n_head * sizeof(int)));
+    /* fused-norm decode where every normalized width fits the GEMV's shared memory; partials:
+     * at most one per block of the widest producer grid (wo/down: rows/8, gate|up: n_ff/8) or
+     * one per KV group */
+    if (e <= (size_t)kFusedNormMaxWidth && ff <= (size_t)kFusedNormMaxWidth) {
+        const size_t parts = width / 8 + 2 + (size_t)h->n_head_kv;
+        for (int b = 0; b < 2; b++) {
+            CUDA_TRY(cudaMalloc((void **)&s->nxw[b], width * 4));
+            CUDA_TRY(cudaMalloc((void **)&s->nstats[b], parts * sizeof(float2)));
+        }
+    }
     CUDA_TRY(cudaMallocHost((void **)&s->host_x, T * e * 4));
     CUDA_TRY(cudaMallocHost((void **)&s->host_pos, 4));
     /* RoPE tables for every position, computed as the CPU decoder computes them */
@@ -194,6 +269,10 @@ extern "C" void tern_cuda_session_free(tern_cuda_session *s)
                    s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos, s->counters};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         cudaFree(dev[i]);
+    for (int b = 0; b < 2; b++) {
+        cudaFree(s->nxw[b]);
+        cudaFree(s->nstats[b]);
+    }
     cudaFreeHost(s->host_x);
     cudaFreeHost(s->host_pos);
     if (s->stream)
