@@ -47,47 +47,95 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
 }
 
 /* Fused-norm input (a.in_xw): the scale of the normalized vector from the producer's partials,
- * then every element of in_xw quantized into the block's shared memory. Each warp sums the
- * partials itself, in the same order (lane-strided, then the butterfly), so every warp of every
- * block gets the same bits and no block-wide reduction is needed before the dot products.
+ * then every element of in_xw quantized into the block's shared memory. The block sums the
+ * partials in a fixed order (thread t takes t, t + 128, ... in batches of 8 loads in flight, then
+ * the warp butterfly, then the warps in order), so every block gets the same bits; the one
+ * barrier is the one the shared input needs anyway. (A warp summing all partials itself needed
+ * one dependent L2 round trip per 32 partials: 27 for the 864 of gate|up.)
  * rms = sqrt(sum v^2 / n + eps) as ops.c; the normalized value is (v w) * (1/rms), so
  * amax = max |v w| * (1/rms) is its exact maximum (multiplication is monotonic); the CPU
  * computes v / rms * w, so values differ from it in the last bit. */
 __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
 {
-    const int lane = threadIdx.x & 31;
+    constexpr int B = 8, V = 4;
+    __shared__ float2 part[kWarps];
+    const int lane = threadIdx.x & 31, n4 = a.width / 4;
+    const float4 *src = reinterpret_cast<const float4 *>(a.in_xw);
+    /* the input's first values do not depend on the statistics: their loads go out with them */
+    float4 v[V];
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        const int i = threadIdx.x + j * kThreads;
+        v[j] = i < n4 ? src[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     float ss = 0.0f, mx = 0.0f;
-    for (int i = lane; i < a.in_nparts; i += 32) {
-        const float2 p = a.in_stats[i];
-        ss = __fadd_rn(ss, p.x);
-        mx = fmaxf(mx, p.y);
+    for (int base = 0; base < a.in_nparts; base += kThreads * B) {
+        float2 p[B];
+#pragma unroll
+        for (int j = 0; j < B; j++) {
+            const int i = base + threadIdx.x + j * kThreads;
+            p[j] = i < a.in_nparts ? a.in_stats[i] : make_float2(0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int j = 0; j < B; j++) {
+            ss = __fadd_rn(ss, p[j].x);
+            mx = fmaxf(mx, p[j].y);
+        }
     }
     for (int o = 16; o > 0; o >>= 1) {
         ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     }
+    if (lane == 0)
+        part[threadIdx.x / 32] = make_float2(ss, mx);
+    __syncthreads();
+    ss = part[0].x;
+    mx = part[0].y;
+#pragma unroll
+    for (int w = 1; w < kWarps; w++) {
+        ss = __fadd_rn(ss, part[w].x);
+        mx = fmaxf(mx, part[w].y);
+    }
     const float inv = __frcp_rn(sqrtf(__fadd_rn(__fdiv_rn(ss, (float)a.width), a.eps)));
     const float amax = __fmul_rn(mx, inv);
     const float s = __fdiv_rn(127.0f, amax > 1e-5f ? amax : 1e-5f);
-    const float4 *src = reinterpret_cast<const float4 *>(a.in_xw);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < a.width / 4; i += kThreads) {
-        const float4 v = src[i];
-        const float f[4] = {v.x, v.y, v.z, v.w};
-        uint32_t packed = 0;
+    for (int base = threadIdx.x; base < n4; base += kThreads * V) {
+        if (base != threadIdx.x) /* later batches: V loads in flight */
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float q = fminf(fmaxf(rintf(__fmul_rn(__fmul_rn(f[j], inv), s)), -128.0f), 127.0f);
-            packed |= (uint32_t)(uint8_t)(int8_t)q << (8 * j);
+            for (int j = 0; j < V; j++) {
+                const int i = base + j * kThreads;
+                v[j] = i < n4 ? src[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            const int i = base + j * kThreads;
+            if (i >= n4)
+                break;
+            const float f[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+            uint32_t packed = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float q = fminf(fmaxf(rintf(__fmul_rn(__fmul_rn(f[k], inv), s)), -128.0f), 127.0f);
+                packed |= (uint32_t)(uint8_t)(int8_t)q << (8 * k);
+            }
+            reinterpret_cast<uint32_t *>(xs)[i] = packed;
         }
-        reinterpret_cast<uint32_t *>(xs)[i] = packed;
     }
     __syncthreads();
     return s;
 }
 
+/* Blocks per SM the register budget is sized for: 8 where the grid needs them (2B4T: gate|up
+ * 864 blocks), fewer where the input quantization (NQ) or long rows need registers to keep
+ * the loads in flight without spilling (down: 320 blocks, 2.4 per SM of an H100). */
 template <int NCH, int MODE, bool NQ>
-__global__ void __launch_bounds__(kThreads, MODE == MODE_GLU && NCH > 2 ? 4 : 8) gemv_t2_fused_kernel(const fused_gemv a)
+constexpr int min_blocks()
+{
+    return NCH > 2 && (MODE == MODE_GLU || NQ) ? 4 : NQ && MODE == MODE_GLU ? 7 : 8;
+}
+
+template <int NCH, int MODE, bool NQ>
+__global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2_fused_kernel(const fused_gemv a)
 {
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
     /* NQ: the int8 input, quantized by this block (kFusedNormMaxWidth bytes) */
