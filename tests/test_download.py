@@ -314,7 +314,9 @@ def run_cli(args: list[str], env: dict) -> subprocess.Popen:
 def test_cli_ctrl_c_and_kill_leave_a_part_that_the_next_run_resumes(server, state, tmp_path):
     data = make_test_model(tmp_path / "tiny.gguf", "i2_s", "tiny", seed=2).read_bytes()   # ~450 kB
     state.add_repo(REPO, {"model.gguf": data})
-    state.throttle_bps = 60_000
+    # ~450 kB at 25 kB/s: the transfer lasts ~18 s, so a loaded 2-core machine that polls late
+    # still signals mid-transfer (at 60 kB/s a CI run once saw the download finish first).
+    state.throttle_bps = 25_000
     env = {**os.environ, "HF_ENDPOINT": server.url, "TERN_HOME": str(tmp_path / "home"),
            "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}
     part = tmp_path / "home" / "data" / "models" / "tern-test" / "tiny-ternary" / "model.gguf.part"
