@@ -55,9 +55,10 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
  * rms = sqrt(sum v^2 / n + eps) as ops.c; the normalized value is (v w) * (1/rms), so
  * amax = max |v w| * (1/rms) is its exact maximum (multiplication is monotonic); the CPU
  * computes v / rms * w, so values differ from it in the last bit. */
+template <int V>
 __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
 {
-    constexpr int B = 8, V = 4;
+    constexpr int B = 8;
     __shared__ float2 part[kWarps];
     const int lane = threadIdx.x & 31, n4 = a.width / 4;
     const float4 *src = reinterpret_cast<const float4 *>(a.in_xw);
@@ -131,7 +132,7 @@ __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
 template <int NCH, int MODE, bool NQ>
 constexpr int min_blocks()
 {
-    return NCH > 2 && (MODE == MODE_GLU || NQ) ? 4 : NQ && MODE == MODE_GLU ? 7 : 8;
+    return NCH > 2 && (MODE == MODE_GLU || NQ) ? 4 : NQ ? (MODE == MODE_GLU ? 7 : 6) : 8;
 }
 
 template <int NCH, int MODE, bool NQ>
@@ -177,7 +178,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     float s;
     int sum = 0;
     if (NQ) {
-        s = quantize_block(a, xs); /* every thread of the block takes part */
+        /* float4 loads in flight per thread: all of a 2560-wide input at once, half of 6912 */
+        s = quantize_block<(NCH > 2 ? 8 : 5)>(a, xs); /* every thread of the block takes part */
         qs = xs;
     } else {
         qs = a.xq;
