@@ -4,9 +4,13 @@
  *
  * Every block first loads its weight rows (they do not depend on earlier kernels: with
  * programmatic dependent launch these loads overlap the previous kernel), then waits for its
- * int8 input from norm_quant_kernel. (Normalizing the input inside every block instead, one
- * kernel less per BitLinear, measured slower on an H100: 470 vs 605 tokens/s, since every
- * block then pays the normalization's latency.) */
+ * input: int8 from norm_quant_kernel (prefill-shaped callers, kernel tests, and decode with
+ * TERN_CUDA_FUSED_NORM=0), or in decode by default the vector times its norm weights plus the
+ * producer's per-block partial statistics, quantized here by every block (quantize_block).
+ * An earlier attempt normalized inside every block with the norm's own block-wide reductions
+ * (470 vs 605 tokens/s: every block paid their latency); with the statistics precomputed by
+ * the producers the block only sums a few hundred partials and quantizes element-wise
+ * (H100: ~750 against ~645 tokens/s with the norm kernels, docs/CUDA.md). */
 #include "common.cuh"
 
 namespace {
