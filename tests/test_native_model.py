@@ -183,6 +183,25 @@ def test_copy_carries_the_cache_of_each_type(byte_model, kv_type):
             np.testing.assert_array_equal(other.forward(ids[30:]), dec.forward(ids[30:]))
 
 
+def test_long_context_decode_is_split_deterministically(byte_model):
+    """Decode past 512 cached positions splits each KV head's attention into parts that threads
+    share (f16 cache): the same results on 1 and 2 threads, and the same as the tokens run as one
+    chunk (unsplit attention) up to float rounding."""
+    path = byte_model("i2_s")
+    ids = teacher_ids(259, 1240)
+    with native.NativeDecoder(load_model(path), n_ctx=1280, threads=1, lm_head="f16") as one, \
+            native.NativeDecoder(load_model(path), n_ctx=1280, threads=2, lm_head="f16") as two:
+        steps = []
+        for dec in (one, two):
+            dec.forward(ids[:1200])
+            steps.append(np.stack([dec.forward([i]) for i in ids[1200:]]))
+        np.testing.assert_array_equal(steps[0], steps[1])
+        one.truncate(1200)
+        chunk = one.forward(ids[1200:], all_logits=True)
+    assert top5_agreement(steps[0], chunk) >= 0.95
+    assert np.median(np.abs(steps[0] - chunk)) < 1e-3 * np.std(chunk)
+
+
 def test_context_overflow_bad_tokens_and_cancel(byte_model):
     path = byte_model("i2_s")
     with native.NativeDecoder(load_model(path), n_ctx=300, threads=2) as dec:

@@ -10,6 +10,7 @@
 #include <assert.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "attn_prefill.h"
@@ -265,15 +266,18 @@ static attn_scratch split_scratch(const tern_attn_args *a, void *scratch, size_t
 static void token_block(const tern_attn_args *a, const attn_scratch *sc, int32_t t0, int32_t nt)
 {
     const int32_t H = a->heads, hd = a->hd;
-    const int32_t end = a->first + t0 + nt; /* positions [0, end) */
+    const int32_t limit = a->limit > 0 ? a->limit : INT32_MAX;
+    int32_t end = a->first + t0 + nt; /* positions [begin, end) */
+    end = end < limit ? end : limit;
     for (int32_t i = 0; i < nt * H; i++)
         sc->m[i] = -INFINITY, sc->l[i] = 0.0f;
     memset(sc->o, 0, sizeof(float) * (size_t)nt * (size_t)H * (size_t)hd);
     float s[ROWS][PB];
-    for (int32_t p0 = 0; p0 < end; p0 += PB) {
+    for (int32_t p0 = a->begin; p0 < end; p0 += PB) {
         load_block(a, p0, end - p0 < PB ? end - p0 : PB, sc->kt, sc->vf);
         for (int32_t t = 0; t < nt; t++) {
-            const int32_t npos = a->first + t0 + t + 1 - p0;
+            const int32_t own_end = a->first + t0 + t + 1; /* causal: up to the token itself */
+            const int32_t npos = (own_end < end ? own_end : end) - p0;
             if (npos <= 0)
                 continue;
             const int32_t valid = npos < PB ? npos : PB;
@@ -303,6 +307,14 @@ static void token_block(const tern_attn_args *a, const attn_scratch *sc, int32_t
                 }
             }
         }
+    }
+    if (a->partial) {
+        for (int32_t row = 0; row < nt * H; row++) {
+            float *dst = a->partial + ((int64_t)t0 * H + row) * (hd + 2);
+            dst[0] = sc->m[row], dst[1] = sc->l[row];
+            memcpy(dst + 2, sc->o + (int64_t)row * hd, sizeof(float) * (size_t)hd);
+        }
+        return;
     }
     for (int32_t t = 0; t < nt; t++)
         for (int32_t h = 0; h < H; h++) {

@@ -41,7 +41,7 @@ int32_t tern_attention_test(const float *q, const uint16_t *k, const uint16_t *v
         scratch_bytes > ((uint64_t)1 << 30))
         return tern_fail(TERN_ERR_INVALID, "attention test: bad arguments");
     const tern_attn_args a = {q, (int64_t)heads * hd, k, v, hd, out, (int64_t)heads * hd,
-                              first, n, heads, hd, 1.0f / sqrtf((float)hd)};
+                              first, n, heads, hd, 1.0f / sqrtf((float)hd), 0, 0, NULL};
     void *scratch = aligned_alloc(64, (scratch_bytes + 64) & ~(uint64_t)63);
     if (!scratch)
         return tern_fail(TERN_ERR_NOMEM, "attention test: no memory for scratch");

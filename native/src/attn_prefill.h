@@ -24,6 +24,14 @@ typedef struct tern_attn_args {
     int32_t first, n;      /* absolute position of token 0; number of tokens */
     int32_t heads, hd;     /* query heads of the group; head dimension */
     float scale;           /* usually 1 / sqrt(hd) */
+    /* A part of the positions (decode split across threads): only positions in
+     * [begin, limit) are attended, and with `partial` set the result is not normalized: head i
+     * of token t gets [m, l, o[hd]] at partial + (t*heads + i)*(hd + 2), the running max of the
+     * scaled scores, the sum of e^(score - m) and sum e^(score - m) v (m = -inf, l = 0: no
+     * position). Zero-initialized args (begin 0, limit 0 = no limit, partial NULL): the whole
+     * causal range, normalized into out. */
+    int32_t begin, limit;
+    float *partial;
 } tern_attn_args;
 
 /* Runs the batched kernel if this CPU and the shape allow it (AVX-512 F, hd a multiple of 16

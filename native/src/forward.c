@@ -192,19 +192,76 @@ static void attention_batched_item(const job *j, thread_scratch *ts, const void 
         (const uint16_t *)s->k_cache + rows, (const uint16_t *)s->v_cache + rows,
         hd, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
         j->first + (int32_t)t0, (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS),
-        group, hd, (float)(1.0 / sqrt((double)hd))};
+        group, hd, (float)(1.0 / sqrt((double)hd)), 0, 0, NULL};
     tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
+}
+
+/* Decode over a long context: a KV head's positions are split in parts of ATTN_SPLIT (by
+ * position only, so the thread count never changes the result), one work item each, so that
+ * threads share the attention evenly (2B4T has 5 KV heads: 3 to 2 on two threads, and 5 of 8
+ * threads busy). Each item leaves its part unnormalized; the last of a head's parts to finish
+ * merges them in part order. */
+static int32_t attention_splits(int32_t npos) { return (npos + ATTN_SPLIT - 1) / ATTN_SPLIT; }
+
+static void attention_split_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
+{
+    tern_session *s = j->s;
+    const tern_model *m = s->m;
+    const int32_t layer = *(const int32_t *)arg;
+    const int32_t group = (int32_t)(m->n_head / m->n_head_kv), hd = (int32_t)m->head_dim;
+    const int32_t npos = j->first + 1, parts = attention_splits(npos);
+    const int64_t g = it / parts, part = it % parts, rows = tern_kv_row(s, layer, 0, g);
+    const int64_t stride = hd + 2; /* [m, l, o[hd]] */
+    float *mine = s->attn_part + (g * parts + part) * group * stride;
+    const tern_attn_args a = {
+        s->qkv + g * group * hd, s->qkv_dim,
+        (const uint16_t *)s->k_cache + rows, (const uint16_t *)s->v_cache + rows,
+        hd, NULL, m->n_embd, j->first, 1, group, hd, (float)(1.0 / sqrt((double)hd)),
+        (int32_t)(part * ATTN_SPLIT), (int32_t)((part + 1) * ATTN_SPLIT), mine};
+    tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
+    /* acq_rel: this part's writes are seen by the merging item, which sees every other's. */
+    if (atomic_fetch_add_explicit(&s->attn_done[g], 1, memory_order_acq_rel) != parts - 1)
+        return;
+    atomic_store_explicit(&s->attn_done[g], 0, memory_order_relaxed); /* the next layer's count */
+    const float *first = s->attn_part + g * parts * group * stride;
+    for (int32_t h = 0; h < group; h++) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int32_t p = 0; p < parts; p++) {
+            const float mp = first[(p * group + h) * stride];
+            mx = mp > mx ? mp : mx;
+        }
+        float *out = s->att + (g * group + h) * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int32_t p = 0; p < parts; p++) {
+            const float *part_h = first + (p * group + h) * stride;
+            if (part_h[1] == 0.0f)
+                continue;
+            const float w = expf(part_h[0] - mx);
+            sum += part_h[1] * w;
+            for (int32_t d = 0; d < hd; d++)
+                out[d] += part_h[2 + d] * w;
+        }
+        const float inv = 1.0f / sum;
+        for (int32_t d = 0; d < hd; d++)
+            out[d] *= inv;
+    }
 }
 
 static void attention_phase(const job *j, thread_scratch *ts, const int32_t *layer)
 {
-    const tern_model *m = j->s->m;
-    if (j->s->kv_type == TERN_KV_F16 &&
-        tern_attention_prefill_supported(m->n_head / m->n_head_kv, m->head_dim, TERN_GEMM_SCRATCH_BYTES))
-        run_phase(j, ts, m->n_head_kv * ((j->n + ATTN_TOKENS - 1) / ATTN_TOKENS), false,
-                  attention_batched_item, layer);
-    else
+    const tern_session *s = j->s;
+    const tern_model *m = s->m;
+    if (s->kv_type == TERN_KV_F16 &&
+        tern_attention_prefill_supported(m->n_head / m->n_head_kv, m->head_dim, TERN_GEMM_SCRATCH_BYTES)) {
+        const int32_t parts = attention_splits(j->first + 1);
+        if (j->n == 1 && parts > 1)
+            run_phase(j, ts, m->n_head_kv * parts, false, attention_split_item, layer);
+        else
+            run_phase(j, ts, m->n_head_kv * ((j->n + ATTN_TOKENS - 1) / ATTN_TOKENS), false,
+                      attention_batched_item, layer);
+    } else {
         run_phase(j, ts, (int64_t)j->n * m->n_head, false, attention_item, layer);
+    }
 }
 
 /* Rows per item of a matrix phase: about four items per thread, in multiples of 64 rows, at

@@ -106,8 +106,11 @@ static int32_t alloc_shared(tern_session *s)
     s->rope_sin = zalloc(T * (size_t)m->head_dim / 2 * sizeof(float), &total);
     s->n_phases = m->n_layer * 9 + 2; /* per layer 5, plus 4 input phases for prompt chunks */
     s->work = zalloc(2 * (size_t)s->n_phases * sizeof(*s->work), &total);
+    const size_t splits = ((size_t)s->n_ctx + ATTN_SPLIT - 1) / ATTN_SPLIT;
+    s->attn_part = zalloc(splits * (size_t)m->n_head * ((size_t)m->head_dim + 2) * sizeof(float), &total);
+    s->attn_done = zalloc((size_t)m->n_head_kv * sizeof(*s->attn_done), &total);
     if (!s->k_cache || !s->v_cache || !s->x || !s->qkv || !s->att || !s->ffn || !s->rope_cos ||
-        !s->rope_sin || !s->work || !s->xq || !s->xs || !s->xf)
+        !s->rope_sin || !s->work || !s->xq || !s->xs || !s->xf || !s->attn_part || !s->attn_done)
         return tern_fail(TERN_ERR_NOMEM, "session: cannot allocate the KV cache and scratch "
                          "(%d positions)", s->n_ctx);
     return TERN_OK;
@@ -154,6 +157,7 @@ void tern_session_free(tern_session *s)
     free_scratch(s);
     free(s->k_cache); free(s->v_cache); free(s->k_scale); free(s->v_scale); free(s->x); free(s->qkv); free(s->att); free(s->ffn);
     free(s->rope_cos); free(s->rope_sin); free(s->work); free(s->xq); free(s->xs); free(s->xf);
+    free(s->attn_part); free((void *)s->attn_done);
     free(s);
 }
 

@@ -12,6 +12,7 @@
 #define ROW_CHUNK_MIN 64
 #define ROW_CHUNK_MAX 256
 #define HEAD_CHUNK 256 /* LM-head rows per work item */
+#define ATTN_SPLIT 512 /* decode attention: positions per work item (forward.c) */
 
 /* A phase's input: rows t0..n-1 of `in` (stride ld), RMS-normalized with w, then quantized. */
 typedef struct phase_input {
@@ -57,6 +58,9 @@ struct tern_session {
     float *xf;       /* TERN_CHUNK x width: its normalized floats */
     float *rope_cos, *rope_sin; /* TERN_CHUNK x head_dim/2 */
     _Atomic int64_t *work;      /* phase.h: (next item, items done) per phase */
+    float *attn_part;           /* decode attention: per KV head, split and query head of its
+                                 * group: [m, l, o[head_dim]] (attn_prefill.h, partial) */
+    _Atomic int32_t *attn_done; /* per KV head: splits done in the current layer */
     int32_t n_phases;
     tern_pool *pool;
     thread_scratch *ts;
