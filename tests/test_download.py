@@ -305,18 +305,22 @@ def test_terminal_progress_bar_shows_bytes(server, state, tmp_path):
 
 # ---- the command line: Ctrl-C, a killed process, and the resume ---------------------------------
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored
+    # across exec: the child gets Ctrl-C as a terminal would deliver it however pytest was run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "engine", "download", *args], env=env,
                             cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def test_cli_ctrl_c_and_kill_leave_a_part_that_the_next_run_resumes(server, state, tmp_path):
     data = make_test_model(tmp_path / "tiny.gguf", "i2_s", "tiny", seed=2).read_bytes()   # ~450 kB
     state.add_repo(REPO, {"model.gguf": data})
-    # ~450 kB at 25 kB/s: the transfer lasts ~18 s, so a loaded 2-core machine that polls late
-    # still signals mid-transfer (at 60 kB/s a CI run once saw the download finish first).
-    state.throttle_bps = 25_000
+    state.throttle_bps = 60_000
     env = {**os.environ, "HF_ENDPOINT": server.url, "TERN_HOME": str(tmp_path / "home"),
            "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}
     part = tmp_path / "home" / "data" / "models" / "tern-test" / "tiny-ternary" / "model.gguf.part"
