@@ -305,16 +305,17 @@ def test_terminal_progress_bar_shows_bytes(server, state, tmp_path):
 
 # ---- the command line: Ctrl-C, a killed process, and the resume ---------------------------------
 
-def _default_sigint() -> None:
-    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored
-    # across exec: the child gets Ctrl-C as a terminal would deliver it however pytest was run.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# `python -m engine download ARGS`, with Ctrl-C raising KeyboardInterrupt as in a terminal: a
+# shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across
+# exec, so a CI run started in the background would otherwise send a Ctrl-C nobody hears.
+CLI_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv[0] = 'engine'; runpy.run_module('engine', run_name='__main__', alter_sys=True)")
 
 
 def run_cli(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine", "download", *args], env=env,
+    return subprocess.Popen([sys.executable, "-c", CLI_WITH_CTRL_C, "download", *args], env=env,
                             cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_cli_ctrl_c_and_kill_leave_a_part_that_the_next_run_resumes(server, state, tmp_path):
