@@ -183,14 +183,15 @@ def test_copy_carries_the_cache_of_each_type(byte_model, kv_type):
             np.testing.assert_array_equal(other.forward(ids[30:]), dec.forward(ids[30:]))
 
 
-def test_long_context_decode_is_split_deterministically(byte_model):
+@pytest.mark.parametrize("kv_type", ["f16", "int8"])
+def test_long_context_decode_is_split_deterministically(byte_model, kv_type):
     """Decode past 512 cached positions splits each KV head's attention into parts that threads
-    share (f16 cache): the same results on 1 and 2 threads, and the same as the tokens run as one
-    chunk (unsplit attention) up to float rounding."""
+    share: the same results on 1 and 2 threads, and the same as the tokens run as one chunk
+    (unsplit attention) up to float rounding."""
     path = byte_model("i2_s")
     ids = teacher_ids(259, 1240)
-    with native.NativeDecoder(load_model(path), n_ctx=1280, threads=1, lm_head="f16") as one, \
-            native.NativeDecoder(load_model(path), n_ctx=1280, threads=2, lm_head="f16") as two:
+    with native.NativeDecoder(load_model(path), n_ctx=1280, threads=1, lm_head="f16", kv_type=kv_type) as one, \
+            native.NativeDecoder(load_model(path), n_ctx=1280, threads=2, lm_head="f16", kv_type=kv_type) as two:
         steps = []
         for dec in (one, two):
             dec.forward(ids[:1200])

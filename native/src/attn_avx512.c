@@ -10,6 +10,7 @@
 #include <assert.h>
 #include <immintrin.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -77,33 +78,54 @@ static inline __m512 load_f16(const uint16_t *p)
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
 }
 
-/* kt[d * PB + j] = k[p0 + j][d], vf[j * hd + d] = v[p0 + j][d]; rows j >= np are zero. */
-static void load_block(const tern_attn_args *a, int32_t p0, int32_t np, float *kt, float *vf)
+/* 16 values of a cached row, as floats: f16, or int8 times the row's scale. */
+static inline __attribute__((always_inline)) __m512 load_row(const tern_attn_args *a, bool v, int32_t p,
+                                                             int32_t dc, bool q8)
+{
+    if (!q8)
+        return load_f16((v ? a->v : a->k) + (int64_t)p * a->ldkv + dc);
+    const int8_t *row = (v ? a->v8 : a->k8) + (int64_t)p * a->ldkv + dc;
+    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(const void *)row)));
+    return _mm512_mul_ps(x, _mm512_set1_ps((v ? a->vs : a->ks)[(int64_t)p * a->lds]));
+}
+
+/* kt[d * PB + j] = k[p0 + j][d], vf[j * hd + d] = v[p0 + j][d]; rows j >= np are zero. The next
+ * block's rows are prefetched (the cache is read front to back). q8: the cache is int8. */
+static inline __attribute__((always_inline)) void load_block_of(const tern_attn_args *a, int32_t p0, int32_t np,
+                                                                float *kt, float *vf, bool q8)
 {
     const int32_t hd = a->hd;
     for (int32_t j0 = 0; j0 < PB; j0 += 16) {
         for (int32_t dc = 0; dc < hd; dc += 16) {
             __m512 r[16];
             for (int32_t i = 0; i < 16; i++)
-                r[i] = j0 + i < np ? load_f16(a->k + (int64_t)(p0 + j0 + i) * a->ldkv + dc)
-                                   : _mm512_setzero_ps();
+                r[i] = j0 + i < np ? load_row(a, false, p0 + j0 + i, dc, q8) : _mm512_setzero_ps();
             transpose16(r);
             for (int32_t i = 0; i < 16; i++)
                 _mm512_store_ps(kt + (int64_t)(dc + i) * PB + j0, r[i]);
         }
     }
+    const int64_t row_bytes = q8 ? hd : 2 * hd;
+    const char *k = q8 ? (const char *)a->k8 : (const char *)a->k;
+    const char *v = q8 ? (const char *)a->v8 : (const char *)a->v;
     for (int32_t j = 0; j < PB; j++) {
-        const char *nk = (const char *)(a->k + (int64_t)(p0 + PB + j) * a->ldkv);
-        const char *nv = (const char *)(a->v + (int64_t)(p0 + PB + j) * a->ldkv);
-        for (int32_t b = 0; b < hd * 2; b += 64) {
-            _mm_prefetch(nk + b, _MM_HINT_T0);
-            _mm_prefetch(nv + b, _MM_HINT_T0);
+        const int64_t next = (int64_t)(p0 + PB + j) * a->ldkv * (row_bytes / hd);
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+            _mm_prefetch(k + next + b, _MM_HINT_T0);
+            _mm_prefetch(v + next + b, _MM_HINT_T0);
         }
         for (int32_t dc = 0; dc < hd; dc += 16)
             _mm512_store_ps(vf + (int64_t)j * hd + dc,
-                            j < np ? load_f16(a->v + (int64_t)(p0 + j) * a->ldkv + dc)
-                                   : _mm512_setzero_ps());
+                            j < np ? load_row(a, true, p0 + j, dc, q8) : _mm512_setzero_ps());
     }
+}
+
+static void load_block(const tern_attn_args *a, int32_t p0, int32_t np, float *kt, float *vf)
+{
+    if (a->k8)
+        load_block_of(a, p0, np, kt, vf, true);
+    else
+        load_block_of(a, p0, np, kt, vf, false);
 }
 
 /* ---- scores and the online softmax ---- */

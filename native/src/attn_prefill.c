@@ -40,8 +40,9 @@ int32_t tern_attention_test(const float *q, const uint16_t *k, const uint16_t *v
     if (!q || !k || !v || !out || first < 0 || n < 1 || heads < 1 || hd < 1 ||
         scratch_bytes > ((uint64_t)1 << 30))
         return tern_fail(TERN_ERR_INVALID, "attention test: bad arguments");
-    const tern_attn_args a = {q, (int64_t)heads * hd, k, v, hd, out, (int64_t)heads * hd,
-                              first, n, heads, hd, 1.0f / sqrtf((float)hd), 0, 0, NULL};
+    const tern_attn_args a = {.q = q, .ldq = (int64_t)heads * hd, .k = k, .v = v, .ldkv = hd,
+                              .out = out, .ldo = (int64_t)heads * hd, .first = first, .n = n,
+                              .heads = heads, .hd = hd, .scale = 1.0f / sqrtf((float)hd)};
     void *scratch = aligned_alloc(64, (scratch_bytes + 64) & ~(uint64_t)63);
     if (!scratch)
         return tern_fail(TERN_ERR_NOMEM, "attention test: no memory for scratch");

@@ -32,6 +32,11 @@ typedef struct tern_attn_args {
      * causal range, normalized into out. */
     int32_t begin, limit;
     float *partial;
+    /* An int8 cache instead of f16 (k8 set): value i of position p is k8[p*ldkv + i] * ks[p*lds]
+     * (the same for V); k and v are then unused. */
+    const int8_t *k8, *v8;
+    const float *ks, *vs;
+    int64_t lds;
 } tern_attn_args;
 
 /* Runs the batched kernel if this CPU and the shape allow it (AVX-512 F, hd a multiple of 16

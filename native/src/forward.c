@@ -174,26 +174,50 @@ static void attention_item(const job *j, thread_scratch *ts, const void *arg, in
         tern_kv_axpy(s, layer, p, g, ts->scores[p] / sum, out);
 }
 
-/* P2 item with an f16 cache: attn_prefill.h's batched kernel (helper H4b), ATTN_TOKENS tokens
- * x the query heads of one KV group, so each converted K/V row serves every query row that
- * reads it — for decode too: the group's heads share it (2B4T at 3000 positions, one thread:
- * 3.2 tok/s against 1.4 with a pass per head). */
+/* The batched kernel's view of KV head g of a layer's cache (f16, or int8 with its row scales),
+ * for tokens starting at position `first`; callers add the queries, the output and the range. */
+static tern_attn_args cache_args(const job *j, int32_t layer, int64_t g)
+{
+    const tern_session *s = j->s;
+    const tern_model *m = s->m;
+    const int32_t hd = (int32_t)m->head_dim;
+    const int64_t rows = tern_kv_row(s, layer, 0, g);
+    tern_attn_args a = {.ldkv = hd, .first = j->first, .heads = (int32_t)(m->n_head / m->n_head_kv),
+                        .hd = hd, .scale = (float)(1.0 / sqrt((double)hd))};
+    if (s->kv_type == TERN_KV_INT8) {
+        const int64_t scales = tern_kv_scale_at(s, layer, 0, g);
+        a.k8 = (const int8_t *)s->k_cache + rows, a.v8 = (const int8_t *)s->v_cache + rows;
+        a.ks = s->k_scale + scales, a.vs = s->v_scale + scales, a.lds = m->n_head_kv;
+    } else {
+        a.k = (const uint16_t *)s->k_cache + rows, a.v = (const uint16_t *)s->v_cache + rows;
+    }
+    return a;
+}
+
+/* P2 item with an f16 or int8 cache: attn_prefill.h's batched kernel (helper H4b), ATTN_TOKENS
+ * tokens x the query heads of one KV group, so each converted K/V row serves every query row
+ * that reads it — for decode too: the group's heads share it (2B4T at 3000 positions, one
+ * thread: 3.2 tok/s against 1.4 with a pass per head). */
 #define ATTN_TOKENS 16
 static void attention_batched_item(const job *j, thread_scratch *ts, const void *arg, int64_t it)
 {
     const tern_session *s = j->s;
     const tern_model *m = s->m;
     const int32_t layer = *(const int32_t *)arg;
-    const int32_t group = (int32_t)(m->n_head / m->n_head_kv), hd = (int32_t)m->head_dim;
-    const int64_t nkv = m->n_head_kv;
-    const int64_t g = it % nkv, t0 = it / nkv * ATTN_TOKENS, rows = tern_kv_row(s, layer, 0, g);
-    const tern_attn_args a = {
-        s->qkv + t0 * s->qkv_dim + g * group * hd, s->qkv_dim,
-        (const uint16_t *)s->k_cache + rows, (const uint16_t *)s->v_cache + rows,
-        hd, s->att + t0 * m->n_embd + g * group * hd, m->n_embd,
-        j->first + (int32_t)t0, (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS),
-        group, hd, (float)(1.0 / sqrt((double)hd)), 0, 0, NULL};
+    const int64_t g = it % m->n_head_kv, t0 = it / m->n_head_kv * ATTN_TOKENS;
+    tern_attn_args a = cache_args(j, layer, g);
+    a.q = s->qkv + t0 * s->qkv_dim + g * a.heads * a.hd, a.ldq = s->qkv_dim;
+    a.out = s->att + t0 * m->n_embd + g * a.heads * a.hd, a.ldo = m->n_embd;
+    a.first = j->first + (int32_t)t0;
+    a.n = (int32_t)(j->n - t0 < ATTN_TOKENS ? j->n - t0 : ATTN_TOKENS);
     tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
+}
+
+static bool batched_attention(const tern_session *s)
+{
+    const tern_model *m = s->m;
+    return s->kv_type != TERN_KV_F32 &&
+           tern_attention_prefill_supported(m->n_head / m->n_head_kv, m->head_dim, TERN_GEMM_SCRATCH_BYTES);
 }
 
 /* Decode over a long context: a KV head's positions are split in parts of ATTN_SPLIT (by
@@ -210,14 +234,12 @@ static void attention_split_item(const job *j, thread_scratch *ts, const void *a
     const int32_t layer = *(const int32_t *)arg;
     const int32_t group = (int32_t)(m->n_head / m->n_head_kv), hd = (int32_t)m->head_dim;
     const int32_t npos = j->first + 1, parts = attention_splits(npos);
-    const int64_t g = it / parts, part = it % parts, rows = tern_kv_row(s, layer, 0, g);
+    const int64_t g = it / parts, part = it % parts;
     const int64_t stride = hd + 2; /* [m, l, o[hd]] */
-    float *mine = s->attn_part + (g * parts + part) * group * stride;
-    const tern_attn_args a = {
-        s->qkv + g * group * hd, s->qkv_dim,
-        (const uint16_t *)s->k_cache + rows, (const uint16_t *)s->v_cache + rows,
-        hd, NULL, m->n_embd, j->first, 1, group, hd, (float)(1.0 / sqrt((double)hd)),
-        (int32_t)(part * ATTN_SPLIT), (int32_t)((part + 1) * ATTN_SPLIT), mine};
+    tern_attn_args a = cache_args(j, layer, g);
+    a.q = s->qkv + g * group * hd, a.ldq = s->qkv_dim, a.n = 1;
+    a.begin = (int32_t)(part * ATTN_SPLIT), a.limit = (int32_t)((part + 1) * ATTN_SPLIT);
+    a.partial = s->attn_part + (g * parts + part) * group * stride;
     tern_attention_prefill(&a, ts->gemm, TERN_GEMM_SCRATCH_BYTES);
     /* acq_rel: this part's writes are seen by the merging item, which sees every other's. */
     if (atomic_fetch_add_explicit(&s->attn_done[g], 1, memory_order_acq_rel) != parts - 1)
@@ -251,8 +273,7 @@ static void attention_phase(const job *j, thread_scratch *ts, const int32_t *lay
 {
     const tern_session *s = j->s;
     const tern_model *m = s->m;
-    if (s->kv_type == TERN_KV_F16 &&
-        tern_attention_prefill_supported(m->n_head / m->n_head_kv, m->head_dim, TERN_GEMM_SCRATCH_BYTES)) {
+    if (batched_attention(s)) {
         const int32_t parts = attention_splits(j->first + 1);
         if (j->n == 1 && parts > 1)
             run_phase(j, ts, m->n_head_kv * parts, false, attention_split_item, layer);

@@ -11,7 +11,7 @@ int64_t tern_kv_row(const tern_session *s, int32_t layer, int32_t pos, int64_t g
 }
 
 
-static int64_t scale_at(const tern_session *s, int32_t layer, int32_t pos, int64_t g)
+int64_t tern_kv_scale_at(const tern_session *s, int32_t layer, int32_t pos, int64_t g)
 {
     return ((int64_t)layer * s->n_ctx + pos) * s->m->n_head_kv + g;
 }
@@ -37,7 +37,7 @@ void tern_kv_store(tern_session *s, bool is_v, int32_t layer, int32_t pos, int64
             const float v = (x[i] * inv + magic) - magic;
             dst[i] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
         }
-        (is_v ? s->v_scale : s->k_scale)[scale_at(s, layer, pos, g)] = scale;
+        (is_v ? s->v_scale : s->k_scale)[tern_kv_scale_at(s, layer, pos, g)] = scale;
     }
 }
 
@@ -56,7 +56,7 @@ float tern_kv_dot(const tern_session *s, int32_t layer, int32_t pos, int64_t g, 
     const int8_t *k = (const int8_t *)s->k_cache + at;
     for (int64_t i = 0; i < hd; i++)
         acc += q[i] * (float)k[i];
-    return acc * s->k_scale[scale_at(s, layer, pos, g)];
+    return acc * s->k_scale[tern_kv_scale_at(s, layer, pos, g)];
 }
 
 void tern_kv_axpy(const tern_session *s, int32_t layer, int32_t pos, int64_t g, float a, float *y)
@@ -70,7 +70,7 @@ void tern_kv_axpy(const tern_session *s, int32_t layer, int32_t pos, int64_t g, 
             y[i] += a * v[i];
     } else {
         const int8_t *v = (const int8_t *)s->v_cache + at;
-        const float as = a * s->v_scale[scale_at(s, layer, pos, g)];
+        const float as = a * s->v_scale[tern_kv_scale_at(s, layer, pos, g)];
         for (int64_t i = 0; i < hd; i++)
             y[i] += as * (float)v[i];
     }

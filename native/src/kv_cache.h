@@ -13,6 +13,9 @@
 /* Where row (layer, pos, head g) starts, in elements of the cache's type. */
 int64_t tern_kv_row(const tern_session *s, int32_t layer, int32_t pos, int64_t g);
 
+/* Where the int8 scale of row (layer, pos, head g) is in k_scale / v_scale. */
+int64_t tern_kv_scale_at(const tern_session *s, int32_t layer, int32_t pos, int64_t g);
+
 /* Store one head row (hd floats) of K (is_v false) or V. */
 void tern_kv_store(tern_session *s, bool is_v, int32_t layer, int32_t pos, int64_t g, const float *x);
 
