@@ -78,3 +78,15 @@ def rewrite_gguf():
             return write_gguf(dst, md, out)
 
     return rewrite
+
+
+@pytest.fixture(scope="session")
+def kernels_verdict(tmp_path_factory) -> Path:
+    """The app's first-start kernel self-test (a child process), run for real once per session:
+    app test homes start with its verdict, as a user's does after the first start, so that the
+    GUI timing tests do not share two cores with a self-test (tests/test_selftest.py covers the
+    first start itself)."""
+    from engine.selftest import ensure_kernels_checked
+    stamp = tmp_path_factory.mktemp("kernels") / "selftest.json"
+    ensure_kernels_checked(stamp)
+    return stamp

@@ -4,6 +4,8 @@ the controller and the main window (offscreen), tiny generated models on the ref
 No test lives here; the test_app_* modules import these fixtures."""
 from __future__ import annotations
 
+import gc
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,9 +68,12 @@ def build_app(qtbot, home: Path, settings: AppSettings | None = None) -> AppUnde
 
 
 @pytest.fixture
-def tern_home(tmp_path, monkeypatch) -> Path:
+def tern_home(tmp_path, monkeypatch, kernels_verdict) -> Path:
+    """A user's home after the first start: it holds the kernel self-test's verdict (conftest)."""
     home = tmp_path / "home"
     monkeypatch.setenv("TERN_HOME", str(home))
+    (home / "data").mkdir(parents=True)
+    shutil.copy(kernels_verdict, home / "data" / "selftest.json")
     return home
 
 
@@ -77,6 +82,10 @@ def tern_app(qtbot, tern_home):
     app = build_app(qtbot, tern_home)
     yield app
     app.close()
+    # The test's Qt wrappers are freed here, on the GUI thread: left to a later collection they
+    # may be freed on the engine's worker thread, which PySide does not survive.
+    del app
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
