@@ -3,6 +3,7 @@
  * even, like nearbyintf), the relu2/SiLU GLU, NeoX RoPE with the KV-cache store (f16, round to
  * nearest even), and attention. Sums are tree reductions here, so norms and softmax differ
  * from the CPU's pairwise sums in the last bits. */
+#include "attend.cuh"
 #include "common.cuh"
 
 namespace {
@@ -141,31 +142,6 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
 constexpr int kMaxGroup = 16; /* q heads per KV head */
 constexpr int kBatch = 8;     /* positions per warp step: their loads are in flight together */
 
-template <int D>
-__device__ __forceinline__ void load_kv(const float *p, float (&f)[D])
-{
-#pragma unroll
-    for (int i = 0; i < D; i++)
-        f[i] = p[i];
-}
-
-template <int D>
-__device__ __forceinline__ void load_kv(const __half *p, float (&f)[D])
-{
-    if constexpr (D % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < D / 2; i++) {
-            const float2 v = __half22float2(reinterpret_cast<const __half2 *>(p)[i]);
-            f[2 * i] = v.x;
-            f[2 * i + 1] = v.y;
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < D; i++)
-            f[i] = __half2float(p[i]);
-    }
-}
-
 /* grid (n_head_kv, n, n_split), one warp per q head of the KV group (they read the same K/V
  * rows, so the group shares them through L1): split sp of the positions of query t, an online
  * softmax kBatch positions at a time (lane owns D = head_dim/32 dims). Each warp writes (max, sum,
@@ -200,48 +176,7 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     float m = -INFINITY, l = 0.0f;
     const KV *kb = k_cache + (int64_t)grp * HD + lane * D;
     const KV *vb = v_cache + (int64_t)grp * HD + lane * D;
-    for (int p = p0; p < p1; p += kBatch) {
-        float kf[kBatch][D], vf[kBatch][D], sc[kBatch];
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            const int pj = p + j < p1 ? p + j : p;
-            load_kv<D>(kb + (int64_t)pj * kv_dim, kf[j]);
-            load_kv<D>(vb + (int64_t)pj * kv_dim, vf[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            float dot = 0.0f;
-#pragma unroll
-            for (int i = 0; i < D; i++)
-                dot = fmaf(q[i], kf[j][i], dot);
-            sc[j] = dot;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-            for (int j = 0; j < kBatch; j++)
-                sc[j] += __shfl_xor_sync(0xffffffffu, sc[j], off);
-        float mn = m;
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            sc[j] = p + j < p1 ? sc[j] * scale : -INFINITY;
-            mn = fmaxf(mn, sc[j]);
-        }
-        const float corr = expf(m - mn);
-        l *= corr;
-#pragma unroll
-        for (int i = 0; i < D; i++)
-            o[i] *= corr;
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            const float pe = expf(sc[j] - mn);
-            l += pe;
-#pragma unroll
-            for (int i = 0; i < D; i++)
-                o[i] = fmaf(pe, vf[j][i], o[i]);
-        }
-        m = mn;
-    }
+    warp_attend<D, kBatch, false>(q, kb, vb, kv_dim, p0, p1, scale, o, m, l);
     float *dst = partial + (((int64_t)t * n_head + h) * nsplit + sp) * (HD + 2);
 #pragma unroll
     for (int i = 0; i < D; i++)

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attend.cuh"
 #include "persist.h"
 
 namespace {
@@ -318,25 +319,6 @@ __device__ __forceinline__ void epilogue(const persist_args &a, int kind, int la
     }
 }
 
-template <int D>
-__device__ __forceinline__ void load_kv(const float *p, float (&f)[D])
-{
-#pragma unroll
-    for (int i = 0; i < D; i++)
-        f[i] = __ldcg(p + i);
-}
-
-template <int D>
-__device__ __forceinline__ void load_kv(const __half *p, float (&f)[D])
-{
-#pragma unroll
-    for (int i = 0; i < D / 2; i++) {
-        const float2 v = __half22float2(__ldcg(reinterpret_cast<const __half2 *>(p) + i));
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
-
 /* Block b takes KV group b % n_head_kv and split b / n_head_kv of the positions; its warps are
  * (q head of the group) x (a quarter of the split, for a group of 4). Each warp runs an online
  * softmax over its positions; the block merges its warps per head into partial, and the last
@@ -367,48 +349,7 @@ __device__ void attention(const persist_args &a, int layer, int pos, float *sm)
     float m = -INFINITY, l = 0.0f;
     const KV *kb = static_cast<const KV *>(a.k_cache) + (int64_t)layer * a.cache_stride + (int64_t)grp * HD + lane * D;
     const KV *vb = static_cast<const KV *>(a.v_cache) + (int64_t)layer * a.cache_stride + (int64_t)grp * HD + lane * D;
-    for (int p = p0; p < p1; p += kBatch) {
-        float kf[kBatch][D], vf[kBatch][D], sc[kBatch];
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            const int pj = p + j < p1 ? p + j : p;
-            load_kv<D>(kb + (int64_t)pj * kv_dim, kf[j]);
-            load_kv<D>(vb + (int64_t)pj * kv_dim, vf[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            float dot = 0.0f;
-#pragma unroll
-            for (int i = 0; i < D; i++)
-                dot = fmaf(q[i], kf[j][i], dot);
-            sc[j] = dot;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-            for (int j = 0; j < kBatch; j++)
-                sc[j] += __shfl_xor_sync(0xffffffffu, sc[j], off);
-        float mn = m;
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            sc[j] = p + j < p1 ? sc[j] * scale : -INFINITY;
-            mn = fmaxf(mn, sc[j]);
-        }
-        const float corr = expf(m - mn);
-        l *= corr;
-#pragma unroll
-        for (int i = 0; i < D; i++)
-            o[i] *= corr;
-#pragma unroll
-        for (int j = 0; j < kBatch; j++) {
-            const float pe = expf(sc[j] - mn);
-            l += pe;
-#pragma unroll
-            for (int i = 0; i < D; i++)
-                o[i] = fmaf(pe, vf[j][i], o[i]);
-        }
-        m = mn;
-    }
+    warp_attend<D, kBatch, true>(q, kb, vb, kv_dim, p0, p1, scale, o, m, l);
     float *mine = sm + warp * (HD + 2); /* [m, l, o[HD]] per warp; -inf and 0 when empty */
 #pragma unroll
     for (int i = 0; i < D; i++)
