@@ -311,17 +311,16 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     }
 }
 
+using fused_kernel = void (*)(fused_gemv);
+
 template <int MODE>
-cudaError_t launch_mode(const cudaLaunchConfig_t &cfg, int per, const fused_gemv &a)
+fused_kernel kernel_for(int per, const fused_gemv &a)
 {
-    void (*k)(fused_gemv);
     if (a.in_xw)
-        k = per == 1 ? gemv_t2_fused_kernel<1, MODE, true> : per == 2 ? gemv_t2_fused_kernel<2, MODE, true>
-          : per == 3 ? gemv_t2_fused_kernel<3, MODE, true> : gemv_t2_fused_kernel<4, MODE, true>;
-    else
-        k = per == 1 ? gemv_t2_fused_kernel<1, MODE, false> : per == 2 ? gemv_t2_fused_kernel<2, MODE, false>
-          : per == 3 ? gemv_t2_fused_kernel<3, MODE, false> : gemv_t2_fused_kernel<4, MODE, false>;
-    return cudaLaunchKernelEx(&cfg, k, a);
+        return per == 1 ? gemv_t2_fused_kernel<1, MODE, true> : per == 2 ? gemv_t2_fused_kernel<2, MODE, true>
+             : per == 3 ? gemv_t2_fused_kernel<3, MODE, true> : gemv_t2_fused_kernel<4, MODE, true>;
+    return per == 1 ? gemv_t2_fused_kernel<1, MODE, false> : per == 2 ? gemv_t2_fused_kernel<2, MODE, false>
+         : per == 3 ? gemv_t2_fused_kernel<3, MODE, false> : gemv_t2_fused_kernel<4, MODE, false>;
 }
 
 } // namespace
@@ -356,19 +355,9 @@ int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
     const int per = (a.nchunks + 31) / 32;
     if (per < 1 || per > 4)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: %d chunks per lane", per);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = (unsigned)gemv_t2_fused_blocks(a);
-    cfg.blockDim = kThreads;
-    cfg.stream = st;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
-    const cudaError_t err = mode == MODE_ROPE ? launch_mode<MODE_ROPE>(cfg, per, a)
-                          : mode == MODE_GLU  ? launch_mode<MODE_GLU>(cfg, per, a)
-                                              : launch_mode<MODE_PLAIN>(cfg, per, a);
-    if (err != cudaSuccess)
-        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching fused gemv: %s", cudaGetErrorString(err));
+    const fused_kernel k = mode == MODE_ROPE ? kernel_for<MODE_ROPE>(per, a)
+                         : mode == MODE_GLU  ? kernel_for<MODE_GLU>(per, a)
+                                             : kernel_for<MODE_PLAIN>(per, a);
+    LAUNCH("fused gemv", k, dim3((unsigned)gemv_t2_fused_blocks(a)), dim3(kThreads), st, a);
     return TERN_OK;
 }
