@@ -28,6 +28,25 @@ static bool fused_norm_enabled(void)
     return !(env && strcmp(env, "0") == 0);
 }
 
+/* What every decode GEMV of a layer shares: the shape, the activation, and the q|k|v step's RoPE
+ * tables and KV-cache rows (read only while a.rope is set). */
+static fused_gemv decode_gemv_args(const tern_cuda_session *s, size_t cache_at)
+{
+    const hv_model *h = &s->m->hv;
+    fused_gemv a = {};
+    a.relu2 = h->activation == TERN_ACT_RELU2;
+    a.head_dim = h->head_dim;
+    a.n_head = h->n_head;
+    a.n_head_kv = h->n_head_kv;
+    a.kv_f32 = s->kv_type == TERN_KV_F32;
+    a.rope_cos = s->rope_cos;
+    a.rope_sin = s->rope_sin;
+    a.pos = s->pos;
+    a.k_cache = s->k_cache + cache_at;
+    a.v_cache = s->v_cache + cache_at;
+    return a;
+}
+
 /* The decode step without norm kernels: each kernel that produces a normalized GEMV's input
  * (the previous down or, for layer 0, norm_stats; attention's merging blocks; wo; gate|up)
  * also writes that input times the norm weights and per-block partial statistics, and the
@@ -43,12 +62,7 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
     const bool f32 = s->kv_type == TERN_KV_F32;
     const bool last = l + 1 == h->n_layer; /* the output norm keeps its kernel (LM head input) */
     cudaStream_t st = s->stream;
-    fused_gemv a = {};
-    a.relu2 = h->activation == TERN_ACT_RELU2;
-    a.head_dim = h->head_dim;
-    a.n_head = h->n_head;
-    a.n_head_kv = h->n_head_kv;
-    a.kv_f32 = f32;
+    fused_gemv a = decode_gemv_args(s, cache_at);
     a.eps = h->rms_eps;
     /* in: buffer b (nparts partials); out (next_nw set): buffer 1 - b */
     auto gemv = [&](const dmat &w, int b, int width, float *out, int epi, const float *next_nw) {
@@ -63,11 +77,6 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
         return launch_gemv_t2_fused(a, st);
     };
     a.rope = 1;
-    a.rope_cos = s->rope_cos;
-    a.rope_sin = s->rope_sin;
-    a.pos = s->pos;
-    a.k_cache = s->k_cache + cache_at;
-    a.v_cache = s->v_cache + cache_at;
     TRY(gemv(L->qkv, 0, (int)e, s->qkv, EPI_STORE, NULL));
     a.rope = 0;
     TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
@@ -92,12 +101,7 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
     const bool f32 = s->kv_type == TERN_KV_F32;
     cudaStream_t st = s->stream;
-    fused_gemv a = {};
-    a.relu2 = h->activation == TERN_ACT_RELU2;
-    a.head_dim = h->head_dim;
-    a.n_head = h->n_head;
-    a.n_head_kv = h->n_head_kv;
-    a.kv_f32 = f32;
+    fused_gemv a = decode_gemv_args(s, cache_at);
     a.xq = s->xq;
     a.meta = s->meta;
     auto gemv = [&](const dmat &w, const float *x, const float *norm, int width, float *out, int epi) {
@@ -107,11 +111,6 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
         return launch_gemv_t2_fused(a, st);
     };
     a.rope = 1;
-    a.rope_cos = s->rope_cos;
-    a.rope_sin = s->rope_sin;
-    a.pos = s->pos;
-    a.k_cache = s->k_cache + cache_at;
-    a.v_cache = s->v_cache + cache_at;
     TRY(gemv(L->qkv, s->x, L->attn_norm, (int)e, s->qkv, EPI_STORE));
     a.rope = 0;
     TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
