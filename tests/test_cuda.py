@@ -20,13 +20,13 @@ from engine import cuda, native
 from engine.errors import ContextOverflowError, NativeError
 from engine.model import load_model
 from engine.reference import ReferenceDecoder
-from native_util import exact_dot, greedy, pack_t2, random_int8, random_ternary, teacher_ids, top5_agreement
+from native_util import (assert_greedy_agrees, exact_dot, greedy, pack_t2, random_int8, random_ternary,
+                         teacher_ids, top5_agreement)
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ["i2_s", "tq1_0", "tq2_0", "f16", "bf16", "f32"]
 N_TEACHER = 256
 TOP5_MIN_AGREEMENT = 0.95
-GREEDY_MARGIN = 0.05
 
 NO_GPU = cuda.unavailable_reason()
 gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"no usable CUDA GPU: {NO_GPU}")
@@ -148,10 +148,7 @@ def test_teacher_forced_top5_and_greedy_match_reference(byte_model, fmt):
         dec.truncate(0)
         want_tokens, margins = greedy(ref, ids[:8], 48)
         got_tokens, _ = greedy(dec, ids[:8], 48)
-        for step, (w, g, m) in enumerate(zip(want_tokens, got_tokens, margins)):
-            if m < GREEDY_MARGIN:
-                break
-            assert w == g, f"greedy token {step} differs: reference {w}, cuda {g} (margin {m:.3f})"
+        assert_greedy_agrees(want_tokens, got_tokens, margins, "cuda")
 
 
 @gpu
@@ -204,10 +201,7 @@ def test_fused_norm_decode_matches_separate_norms(byte_model, monkeypatch, fmt, 
         np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
     assert top5_agreement(runs["0"], runs["1"]) >= TOP5_MIN_AGREEMENT
     want_tokens, margins = greedy(ReferenceDecoder(load_model(path), n_ctx=64), ids[:8], 24)
-    for step, (w, g, m) in enumerate(zip(want_tokens, got_tokens, margins)):
-        if m < GREEDY_MARGIN:
-            break
-        assert w == g, f"greedy token {step} differs: reference {w}, cuda {g} (margin {m:.3f})"
+    assert_greedy_agrees(want_tokens, got_tokens, margins, "cuda")
 
 
 @gpu
@@ -232,10 +226,7 @@ def test_persistent_decode_matches_prefill_and_reference(byte_model, monkeypatch
     assert top5_agreement(full, steps) >= TOP5_MIN_AGREEMENT
     np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
     want_tokens, margins = greedy(ReferenceDecoder(load_model(path), n_ctx=64), ids[:8], 24)
-    for step, (w, g, m) in enumerate(zip(want_tokens, got_tokens, margins)):
-        if m < GREEDY_MARGIN:
-            break
-        assert w == g, f"greedy token {step} differs: reference {w}, cuda {g} (margin {m:.3f})"
+    assert_greedy_agrees(want_tokens, got_tokens, margins, "cuda")
 
 
 @gpu
