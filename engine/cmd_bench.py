@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.bench import PEERS, BenchOptions, run_bench
+from engine.bench import PEERS, BenchError, BenchOptions, run_bench
 
 _LM_HEADS = ("int8", "f16")
 
@@ -54,6 +54,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.backend == "cuda":  # the GPU bench and its transformers peer: engine/bench_cuda.py (helper H7)
+        if args.depth != 1:
+            raise BenchError("--depth is measured by the CPU bench only (--backend native or reference)")
         from engine.bench_cuda import main_cuda
         return main_cuda(args)
     opts = BenchOptions(model=args.model, threads=args.threads, backend=args.backend,

@@ -102,6 +102,8 @@ def test_decode_after_a_cached_context(capsys, tiny_model_path):
     assert kv == [pytest.approx(per_position * 9.5), pytest.approx(per_position * 708.5)]
     assert main(["bench", "--model", str(path), "--ctx", "256", "--depth", "250"]) == 2
     assert "--depth must be 1..128" in capsys.readouterr().err
+    assert main(["bench", "--model", str(path), "--backend", "cuda", "--depth", "700"]) == 2
+    assert "CPU bench only" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_errors(capsys, tiny_model_path):
