@@ -357,8 +357,8 @@ class GGUFFile:
         # heap for the life of the process).
         buf, pos, end = cur.buf, cur.pos, cur.end
         lazy = count >= LONG_ARRAY
-        out = [] if not lazy else None
-        text, bounds = bytearray(), array.array("q")
+        out: list[str] = []
+        text, bounds = bytearray(), array.array("q")   # a long array's packed form
         unpack = struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > end:
