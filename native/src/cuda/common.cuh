@@ -65,6 +65,16 @@ __device__ __forceinline__ void grid_launch_dependents()
 #endif
 }
 
+/* The GLU's gate activation, rounded step by step as the CPU's tern_relu2 / tern_silu. */
+__device__ __forceinline__ float act(float g, bool relu2)
+{
+    if (relu2) {
+        const float r = g > 0.0f ? g : 0.0f;
+        return __fmul_rn(r, r);
+    }
+    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+}
+
 bool pdl_enabled(void);
 
 template <typename... KArgs, typename... Args>

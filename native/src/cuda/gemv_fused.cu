@@ -17,15 +17,6 @@ namespace {
 
 constexpr int kWarps = 4, kThreads = kWarps * 32; /* small blocks: 2560-row matrices still cover every SM */
 
-__device__ __forceinline__ float act(float g, bool relu2)
-{
-    if (relu2) {
-        const float r = g > 0.0f ? g : 0.0f;
-        return __fmul_rn(r, r);
-    }
-    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-}
-
 __device__ __forceinline__ void put(void *cache, bool f32, int64_t at, float v)
 {
     if (f32)

@@ -11,15 +11,6 @@ namespace {
 constexpr int kNormThreads = 1024;
 constexpr int kNormPerThread = 8; /* widths up to 8192 */
 
-__device__ __forceinline__ float act(float g, bool relu2)
-{
-    if (relu2) {
-        const float r = g > 0.0f ? g : 0.0f;
-        return __fmul_rn(r, r);
-    }
-    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-}
-
 template <typename T, typename Op>
 __device__ T block_reduce(T v, Op op, T *smem, T identity)
 {

@@ -112,15 +112,6 @@ __device__ __forceinline__ void grid_sync(const persist_args &a, unsigned &targe
     f.layer = -1;
 }
 
-__device__ __forceinline__ float act(float g, bool relu2)
-{
-    if (relu2) {
-        const float r = g > 0.0f ? g : 0.0f;
-        return __fmul_rn(r, r);
-    }
-    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-}
-
 /* Every thread gets op over the block: one barrier (each warp then reads the 16 partials;
  * red must not be reused before the next block-wide barrier). */
 template <typename T, typename Op>
