@@ -62,6 +62,7 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
             for tok in decode_ids:
                 dec.forward([tok])
             tg_tps.append(tg / (time.perf_counter() - t))
+        step = dec.decode_step_time()
         shapes = {}
         for name in SHAPES:
             if name == "lm_head" and lm_head != "int8":
@@ -73,7 +74,7 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
         return {"engine": "tern cuda", "lm_head": lm_head, "kernel": dec.kernel, "decode": decode, "device": dec.device,
                 "load_s": load_s, f"ttft{PROMPT}_s": _summary(ttft, higher_is_better=False),
                 f"pp{PROMPT}_tps": _summary([PROMPT / s for s in ttft]), f"tg{tg}_tps": _summary(tg_tps),
-                "bytes_per_token": bpt, "gemv": shapes}
+                "gpu_step_s": step, "bytes_per_token": bpt, "gemv": shapes}
     finally:
         dec.close()
 
@@ -188,6 +189,7 @@ def format_report(report: dict, tg: int) -> str:
         lines.append(f"  tg{tg}  : {e[key]['median']:9.1f} / {e[key]['best']:9.1f} tok/s")
         if "kernel" not in e:
             continue
+        lines.append(f"  decode step on the GPU alone: {1e6 * e['gpu_step_s']:.1f} us = {1 / e['gpu_step_s']:.0f} tok/s")
         lines.append(f"  pp{PROMPT} : {e[f'pp{PROMPT}_tps']['median']:9.0f} / {e[f'pp{PROMPT}_tps']['best']:9.0f} tok/s")
         lines.append(f"  ttft  : {1e3 * e[f'ttft{PROMPT}_s']['median']:9.2f} / {1e3 * e[f'ttft{PROMPT}_s']['best']:9.2f} ms")
         lines.append(f"  decode: {e['decode_gbps']:.0f} GB/s = {100 * e['decode_bandwidth_fraction']:.0f}% of measured "

@@ -168,6 +168,13 @@ class CudaDecoder:
         _check(lib().tern_cuda_gemv_time(self._handle, GEMV_SHAPES[shape], reps, ctypes.byref(s), ctypes.byref(b)))
         return s.value, b.value
 
+    def decode_step_time(self, reps: int = 50) -> float:
+        """Seconds of one decode step on the GPU alone (the captured graph replayed, without
+        the host's work and copies); needs a decoded token first."""
+        s = ctypes.c_double()
+        _check(lib().tern_cuda_decode_time(self._live(), reps, ctypes.byref(s)))
+        return s.value
+
     def close(self) -> None:
         h = lib()
         if self._session is not None:

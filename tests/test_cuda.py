@@ -174,8 +174,27 @@ def test_decode_graph_equals_prefill(byte_model):
         steps = np.stack([dec.forward([int(t)]) for t in ids])
         assert dec.n_past == len(ids)
         assert dec.graph_active == (os.environ.get("TERN_CUDA_GRAPH") != "0")
+        if dec.graph_active:
+            assert dec.decode_step_time(reps=3) > 0
+            assert dec.n_past == len(ids)
     assert top5_agreement(full, steps) >= TOP5_MIN_AGREEMENT
     np.testing.assert_allclose(steps[0], full[0], rtol=0, atol=1e-4 * float(np.abs(full[0]).max()))
+
+
+@gpu
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+def test_long_context_decode_attention_equals_prefill(byte_model, kv):
+    """Decode after 2,232 cached positions: the decode attention's blocks take more than one tile
+    of positions each (35 tiles over 32 splits) and the merge reads its splits in two batches;
+    against the prefill attention over the same tokens."""
+    path = byte_model("tq2_0")
+    ids = teacher_ids(259, 2240)
+    with _cuda_decoder(path, 2304, lm_head="f16", kv_type=kv) as dec:
+        full = dec.forward(ids, all_logits=True)[-8:]
+        dec.truncate(len(ids) - 8)
+        steps = np.stack([dec.forward([int(t)]) for t in ids[-8:]])
+    assert top5_agreement(full, steps) == 1.0
+    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-3 * float(np.abs(full).max()))
 
 
 @gpu

@@ -68,6 +68,11 @@ TERN_API int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, double 
 TERN_API int32_t tern_cuda_gemv_time(tern_cuda_model *model, int32_t which, int32_t reps,
                                      double *seconds, double *bytes);
 
+/* Seconds of one replay of the session's decode graph on the GPU alone (no host work, no
+ * copies), median of reps; it rewrites the KV row at n_past, which the next forward writes
+ * again, and n_past is unchanged. Needs a decoded token first (the graph is captured then). */
+TERN_API int32_t tern_cuda_decode_time(tern_cuda_session *session, int32_t reps, double *seconds);
+
 #ifdef __cplusplus
 }
 #endif

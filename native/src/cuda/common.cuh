@@ -54,10 +54,12 @@ __device__ __forceinline__ void grid_wait()
  * data before grid_wait(), and grid_wait() returns only once the whole predecessor grid (which
  * itself waited on its own predecessor) has completed. Called in decode (one token) by the norm
  * and attention kernels, small grids followed by a GEMV or a norm (H100, interleaved runs on one
- * machine: 615 tokens/s against 603 without), not by the matrix kernels: there the kernels after
- * them in turn became resident early and competed with the running GEMV (every kernel
- * triggering: 568 against 595; the GEMVs triggering after their dot products: 558 against 603).
- * Prefill keeps the implicit trigger at block exit (docs/CUDA.md). */
+ * machine: 615 tokens/s against 603 without), and by the q|k|v GEMV, whose successor (the decode
+ * attention) fetches the cached K/V rows before its wait (1,181 against 1,222 us per step). The
+ * other matrix kernels do not: there the kernels after them in turn became resident early and
+ * competed with the running GEMV (every kernel triggering: 568 against 595 tokens/s; the GEMVs
+ * triggering after their dot products: 558 against 603). Prefill keeps the implicit trigger at
+ * block exit (docs/CUDA.md). */
 __device__ __forceinline__ void grid_launch_dependents()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -144,6 +146,9 @@ struct fused_gemv {
     float *out_xw;
     float2 *out_stats;
     const float *out_nw;
+    /* early: release the next kernel once this block's weight loads are issued (decode q|k|v:
+     * the attention's blocks become resident and fetch the cached K/V rows meanwhile) */
+    int early;
 };
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st);
 /* Blocks of the fused GEMV's grid (the number of partials it writes as a producer). */
@@ -167,11 +172,23 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
 int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
                           const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st);
-/* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t]. */
+/* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t] (prefill;
+ * decode has its own kernel, below). */
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
                          const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
-                         cudaStream_t st, const float *nw = NULL, float *xw = NULL, float2 *stats = NULL);
+                         cudaStream_t st);
+/* attention_decode.cu: one token's attention over positions [0, *pos] (tiles of the cache in
+ * shared memory, the splits merged by the last block of each KV group). With stats (fused-norm
+ * decode) the merging blocks also write xw = att * nw and one partial (sum att^2, max |att nw|)
+ * per KV group. Splits (grid) from the context: partial holds n_head_kv x splits x
+ * (2 gs + 3 + gs x head_dim) floats at most. */
+constexpr int kAttnMaxSplit = 32;
+int32_t attention_decode_splits(int32_t n_ctx);
+int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
+                                int32_t n_ctx, float *partial, int *counters, float *out, cudaStream_t st,
+                                const float *nw = NULL, float *xw = NULL, float2 *stats = NULL);
 /* The first producer of a fused-norm decode step (one token): xw = x * w and one partial
  * (sum x^2, max |x w|) at stats[0], for the first layer's attn_norm. */
 int32_t launch_norm_stats(const float *x, const float *w, int64_t width, float *xw, float2 *stats,

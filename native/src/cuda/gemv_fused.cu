@@ -168,6 +168,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
             if (valid[r])
                 onw[r] = a.out_nw[o];
         }
+    if (a.early)
+        grid_launch_dependents();
     grid_wait(); /* the input comes from the previous kernel */
     const int8_t *qs;
     float s;

@@ -9,7 +9,6 @@
 
 #define TERN_CUDA_CHUNK 512   /* tokens per prefill chunk (scratch is sized for it) */
 #define TERN_CUDA_MAX_SPLIT 64    /* attention splits at most (partials buffer, merge) */
-#define TERN_CUDA_DECODE_SPLIT 32 /* attention splits of a decode step */
 #define TERN_CUDA_PREFILL_SPLIT 8 /* attention splits per token in prefill (partials: 8 per token) */
 
 enum head_kind { HEAD_I8 = 0, HEAD_F16 = 1, HEAD_F32 = 2 };

@@ -143,16 +143,13 @@ __global__ void __launch_bounds__(kMaxGroup * 32)
 attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
                  const KV *__restrict__ k_cache, const KV *__restrict__ v_cache,
                  const int32_t *__restrict__ pos0, float scale, float *__restrict__ partial,
-                 int *__restrict__ counters, float *__restrict__ out, const float *__restrict__ nw,
-                 float *__restrict__ xw, float2 *__restrict__ stats)
+                 int *__restrict__ counters, float *__restrict__ out)
 {
     constexpr int HD = D * 32;
     const int grp = blockIdx.x, t = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gs = n_head / n_head_kv;
     const int h = grp * gs + warp;
     const int64_t kv_dim = (int64_t)n_head_kv * HD, e = (int64_t)n_head * HD;
-    if (gridDim.y == 1) /* one token */
-        grid_launch_dependents();
     grid_wait();
     const int npos = *pos0 + t + 1;
     const int chunk = (npos + nsplit - 1) / nsplit, p0 = sp * chunk;
@@ -214,40 +211,11 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
         for (int i = 0; i < D; i++)
             acc[i] += __ldcg(src + s2 * (HD + 2) + 2 + lane * D + i) * f;
     }
-    float ss = 0.0f, mx = 0.0f;
 #pragma unroll
-    for (int i = 0; i < D; i++) {
-        const int64_t at = (int64_t)t * e + (int64_t)h * HD + lane * D + i;
-        const float v = acc[i] / L;
-        out[at] = v;
-        if (stats) { /* fused-norm decode: this block produces the heads of its group */
-            const float vw = __fmul_rn(v, nw[at]);
-            xw[at] = vw;
-            ss = __fadd_rn(ss, __fmul_rn(v, v));
-            mx = fmaxf(mx, fabsf(vw));
-        }
-    }
+    for (int i = 0; i < D; i++)
+        out[(int64_t)t * e + (int64_t)h * HD + lane * D + i] = acc[i] / L;
     if (threadIdx.x == 0)
         counters[t * n_head_kv + grp] = 0; /* ready for the next launch */
-    if (!stats)
-        return;
-    /* one partial per KV group (stats[grp]; decode only, t = 0), the warps summed in order */
-    __shared__ float2 red[kMaxGroup];
-    for (int off = 16; off > 0; off >>= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, off);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    }
-    if (lane == 0)
-        red[warp] = make_float2(ss, mx);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float2 p = red[0];
-        for (int w2 = 1; w2 < gs; w2++) {
-            p.x = __fadd_rn(p.x, red[w2].x);
-            p.y = fmaxf(p.y, red[w2].y);
-        }
-        stats[grp] = p;
-    }
 }
 
 /* One block: the first producer of a fused-norm decode step (the embedding row has no kernel
@@ -311,34 +279,23 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
     return cuda_launch_status("rope_store");
 }
 
-struct att_stats {
-    const float *nw;
-    float *xw;
-    float2 *stats;
-};
-
 template <int D>
 static cudaError_t attention_any(bool kv_f32, dim3 grid, cudaStream_t st, const float *qkv, int n_head, int n_head_kv,
                                  const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial,
-                                 int *counters, float *out, att_stats as)
+                                 int *counters, float *out)
 {
     if (kv_f32)
         return launch_k(attention_kernel<D, float>, grid, 32 * (n_head / n_head_kv), st, qkv, n_head, n_head_kv,
-                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial, counters, out, as.nw,
-                        as.xw, as.stats);
+                        (const float *)k_cache, (const float *)v_cache, pos, scale, partial, counters, out);
     return launch_k(attention_kernel<D, __half>, grid, 32 * (n_head / n_head_kv), st, qkv, n_head, n_head_kv,
-                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial, counters, out, as.nw, as.xw,
-                    as.stats);
+                    (const __half *)k_cache, (const __half *)v_cache, pos, scale, partial, counters, out);
 }
 
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                          int32_t head_dim, const void *k_cache, const void *v_cache, bool kv_f32,
                          const int32_t *pos, int32_t n_split, float *partial, int *counters, float *out,
-                         cudaStream_t st, const float *nw, float *xw, float2 *stats)
+                         cudaStream_t st)
 {
-    if (stats && (n != 1 || !nw || !xw))
-        return tern_fail(TERN_ERR_INVALID, "cuda attention: norm statistics are for one token");
-    const att_stats as = {nw, xw, stats};
     if (n_split < 1 || n_split > 64 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: %d heads over %d KV heads (%d splits)", n_head,
                          n_head_kv, n_split);
@@ -346,10 +303,10 @@ int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_
     const float scale = (float)(1.0 / sqrt((double)head_dim));
     cudaError_t err;
     switch (head_dim) {
-    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
-    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
-    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
-    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out, as); break;
+    case 32: err = attention_any<1>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 64: err = attention_any<2>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 128: err = attention_any<4>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
+    case 256: err = attention_any<8>(kv_f32, grid, st, qkv, n_head, n_head_kv, k_cache, v_cache, pos, scale, partial, counters, out); break;
     default:
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
     }

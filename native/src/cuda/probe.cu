@@ -332,3 +332,12 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
     *bytes = total / launches;
     return TERN_OK;
 }
+
+extern "C" int32_t tern_cuda_decode_time(tern_cuda_session *s, int32_t reps, double *seconds)
+{
+    if (!s || reps < 1 || !seconds)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: bad arguments");
+    if (!s->decode_graph)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: no decode graph yet (decode one token first)");
+    return time_graph(s->decode_graph, s->stream, reps, seconds);
+}

@@ -76,12 +76,12 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
             *nparts = (int32_t)gemv_t2_fused_blocks(a);
         return launch_gemv_t2_fused(a, st);
     };
-    a.rope = 1;
+    a.rope = a.early = 1;
     TRY(gemv(L->qkv, 0, (int)e, s->qkv, EPI_STORE, NULL));
-    a.rope = 0;
-    TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                         s->v_cache + cache_at, f32, s->pos, TERN_CUDA_DECODE_SPLIT, s->partial, s->counters,
-                         s->att, st, L->attn_sub_norm, s->nxw[1], s->nstats[1]));
+    a.rope = a.early = 0;
+    TRY(launch_attention_decode(s->qkv, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                                s->v_cache + cache_at, f32, s->pos, s->n_ctx, s->partial, s->counters, s->att, st,
+                                L->attn_sub_norm, s->nxw[1], s->nstats[1]));
     *nparts = h->n_head_kv; /* one partial per KV group's merging block */
     TRY(gemv(L->wo, 1, (int)e, s->x, EPI_ADD, L->ffn_norm));
     a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
@@ -110,12 +110,11 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
         TRY(launch_norm_quant(x, width, norm, width, h->rms_eps, 1, false, a.relu2, s->xq, s->meta, NULL, st));
         return launch_gemv_t2_fused(a, st);
     };
-    a.rope = 1;
+    a.rope = a.early = 1;
     TRY(gemv(L->qkv, s->x, L->attn_norm, (int)e, s->qkv, EPI_STORE));
-    a.rope = 0;
-    TRY(launch_attention(s->qkv, 1, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                         s->v_cache + cache_at, f32, s->pos, TERN_CUDA_DECODE_SPLIT, s->partial, s->counters,
-                         s->att, st));
+    a.rope = a.early = 0;
+    TRY(launch_attention_decode(s->qkv, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                                s->v_cache + cache_at, f32, s->pos, s->n_ctx, s->partial, s->counters, s->att, st));
     TRY(gemv(L->wo, s->att, L->attn_sub_norm, (int)e, s->x, EPI_ADD));
     a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
     TRY(gemv(L->gate_up, s->x, L->ffn_norm, (int)e, s->h, EPI_STORE));

@@ -1,0 +1,386 @@
+/* Decode attention (one new token) over the KV cache: a block per (KV group, split) takes tiles
+ * of 64 positions, copies each tile's K and V rows into shared memory with cp.async (every load
+ * of the tile in flight at once; the rows cached by earlier steps before griddepcontrol.wait,
+ * while the q|k|v GEMV still runs), computes the scores of every q head of the group with the dot
+ * products split over the block's warps, one warp per head for the softmax, and P.V with each
+ * thread owning two output dims; the last block of a group to finish merges the splits in split
+ * order (deterministic), and in the fused-norm decode also writes the attn_sub_norm statistics.
+ *
+ * Decode attention is latency-bound (a few hundred kB of cache per layer): what counts is how
+ * many dependent instructions one warp runs and how many memory round trips are serial. The
+ * prefill kernel (a warp per q head walking its positions 8 at a time, then a merge of 32 splits
+ * in dependent L2 round trips) cost ~12 us of a ~41 us decode layer on an H100; a first version
+ * of this kernel (128 positions per block, a lane per position for all heads) ran ~3,300
+ * instructions per warp at one warp per scheduler and was no faster (docs/CUDA.md). */
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kMaxGroup = 16;  /* q heads per KV head */
+constexpr int kTile = 64;      /* positions per tile: two per lane in the softmax */
+constexpr int kMergeBatch = 16; /* splits whose partials are loaded together in the merge */
+
+template <int HD, typename KV>
+struct tile_shape {
+    static constexpr int RB = HD * (int)sizeof(KV); /* bytes of one cached row */
+    static constexpr int KS = RB + 16;              /* padded K rows: threads reading rows side by
+                                                       side hit different banks */
+    static constexpr int EPC = 16 / (int)sizeof(KV); /* values per 16-byte chunk */
+    static constexpr int PAIRS = kMaxGroup * HD / 2 / kThreads; /* output pairs per thread, at most */
+    static constexpr size_t smem(int gs)
+    {
+        const int parts = gs < kWarps ? kWarps : gs;
+        return (size_t)kTile * KS + (size_t)kTile * RB + (size_t)gs * HD * 4 + (size_t)parts * kTile * 4 +
+               (size_t)gs * kTile * 4;
+    }
+};
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+/* 8 (f16) or 4 (f32) cached values of a 16-byte chunk as floats */
+__device__ __forceinline__ void chunk_floats(const uint4 &c, const __half *, float (&f)[8])
+{
+    const __half2 *h = reinterpret_cast<const __half2 *>(&c);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 v = __half22float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ void chunk_floats(const uint4 &c, const float *, float (&f)[8])
+{
+    f[0] = __uint_as_float(c.x); f[1] = __uint_as_float(c.y);
+    f[2] = __uint_as_float(c.z); f[3] = __uint_as_float(c.w);
+}
+
+/* two consecutive cached values as floats */
+__device__ __forceinline__ float2 pair_floats(const unsigned char *p, const __half *)
+{
+    return __half22float2(*reinterpret_cast<const __half2 *>(p));
+}
+
+__device__ __forceinline__ float2 pair_floats(const unsigned char *p, const float *)
+{
+    return *reinterpret_cast<const float2 *>(p);
+}
+
+/* grid (n_head_kv, max splits), kThreads threads. partial per (group, split): gs (m, l) pairs
+ * (padded to 4 floats), then gs x HD unnormalized outputs. */
+template <int HD, typename KV>
+__global__ void __launch_bounds__(kThreads, 1)
+attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv, const KV *__restrict__ k_cache,
+                        const KV *__restrict__ v_cache, const int32_t *__restrict__ pos0, float scale,
+                        float *__restrict__ partial, int *__restrict__ counters, float *__restrict__ out,
+                        const float *__restrict__ nw, float *__restrict__ xw, float2 *__restrict__ stats)
+{
+    using S = tile_shape<HD, KV>;
+    constexpr int RB = S::RB, KS = S::KS, EPC = S::EPC, CH = RB / 16, SUB = kTile / 32;
+    extern __shared__ __align__(16) unsigned char sm[];
+    const int gs = n_head / n_head_kv, grp = blockIdx.x, sp = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    /* the dot products of a tile: gs x kTile, each split in `parts` ranges of dims over the warps */
+    const int parts = gs >= kWarps ? 1 : (kWarps / gs < CH ? kWarps / gs : CH), dims = HD / parts;
+    unsigned char *ks = sm, *vs = sm + kTile * KS;
+    float *qs = reinterpret_cast<float *>(vs + kTile * RB); /* gs x HD */
+    float *scs = qs + gs * HD;                                /* gs * parts x kTile partial scores */
+    float *ps = scs + (gs > kWarps ? gs : kWarps) * kTile;   /* gs x kTile probabilities */
+    __shared__ float mrun[kMaxGroup], lrun[kMaxGroup], corr[kMaxGroup];
+    __shared__ float2 wred[kWarps];
+    __shared__ int last;
+    const int64_t kv_dim = (int64_t)n_head_kv * HD;
+    auto fetch = [&](int p0, int from, int to) { /* rows [from, to) of the tile at p0 */
+        for (int c = threadIdx.x + from * CH; c < to * CH; c += kThreads) {
+            const int r = c / CH, j = c % CH;
+            const int64_t at = (int64_t)(p0 + r) * kv_dim + (int64_t)grp * HD + j * EPC;
+            cp_async16(ks + r * KS + j * 16, k_cache + at);
+            cp_async16(vs + r * RB + j * 16, v_cache + at);
+        }
+    };
+
+    /* Before the wait: the position comes from the host copy ahead of the step, and the cached
+     * rows before it from earlier steps; only the newest row (this step's q|k|v kernel) and q
+     * depend on the previous kernel. */
+    const int npos = *pos0 + 1, ntiles = (npos + kTile - 1) / kTile;
+    const int nsplit = ntiles < (int)gridDim.y ? ntiles : (int)gridDim.y;
+    if (sp >= nsplit) {
+        grid_launch_dependents();
+        return;
+    }
+    const int first_n = npos - sp * kTile < kTile ? npos - sp * kTile : kTile;
+    const bool has_newest = sp * kTile + first_n == npos;
+    fetch(sp * kTile, 0, has_newest ? first_n - 1 : first_n);
+    float2 nwp[S::PAIRS]; /* the merge's norm weights */
+#pragma unroll
+    for (int j = 0; j < S::PAIRS; j++) {
+        const int o = threadIdx.x + kThreads * j;
+        nwp[j] = stats && o < gs * HD / 2 ? reinterpret_cast<const float2 *>(nw + (int64_t)grp * gs * HD)[o]
+                                          : make_float2(0.0f, 0.0f);
+    }
+    grid_launch_dependents(); /* a small grid: the wo GEMV's blocks load their weights meanwhile */
+    grid_wait();
+    if (has_newest)
+        fetch(sp * kTile, first_n - 1, first_n);
+    const float *q = qkv + (int64_t)grp * gs * HD; /* the group's q heads are consecutive */
+    for (int i = threadIdx.x; i < gs * HD; i += kThreads)
+        qs[i] = q[i];
+    if (threadIdx.x < gs) {
+        mrun[threadIdx.x] = -INFINITY;
+        lrun[threadIdx.x] = 0.0f;
+    }
+    /* this thread's output pairs: pair o = threadIdx.x + kThreads * j, head o / (HD / 2) */
+    const int npairs = gs * HD / 2;
+    float2 acc[S::PAIRS];
+#pragma unroll
+    for (int j = 0; j < S::PAIRS; j++)
+        acc[j] = make_float2(0.0f, 0.0f);
+
+    for (int tile = sp; tile < ntiles; tile += nsplit) {
+        const int p0 = tile * kTile, n = npos - p0 < kTile ? npos - p0 : kTile;
+        if (tile != sp)
+            fetch(p0, 0, n);
+        cp_async_wait_all();
+        __syncthreads(); /* the tile and (first tile) q, mrun, lrun are in shared memory */
+        /* partial scores: warp -> (head, range of dims), lane -> positions lane + 32 i */
+        for (int c = warp; c < gs * parts; c += kWarps) {
+            const int h = c / parts, d0 = (c % parts) * dims;
+            float dot[SUB];
+            const unsigned char *krow[SUB];
+#pragma unroll
+            for (int i = 0; i < SUB; i++) {
+                dot[i] = 0.0f;
+                krow[i] = ks + (lane + 32 * i) * KS + d0 * (int)sizeof(KV);
+            }
+            const float *qh = qs + h * HD + d0;
+            for (int d = 0; d < dims; d += EPC) {
+                float qv[8];
+#pragma unroll
+                for (int e = 0; e < EPC; e++)
+                    qv[e] = qh[d + e];
+#pragma unroll
+                for (int i = 0; i < SUB; i++) {
+                    float kf[8];
+                    chunk_floats(*reinterpret_cast<const uint4 *>(krow[i] + d * (int)sizeof(KV)), (const KV *)nullptr, kf);
+#pragma unroll
+                    for (int e = 0; e < EPC; e++)
+                        dot[i] = fmaf(qv[e], kf[e], dot[i]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < SUB; i++)
+                scs[c * kTile + lane + 32 * i] = dot[i]; /* rows past n hold stale values: masked below */
+        }
+        __syncthreads();
+        /* softmax step: a warp per head, a lane per position */
+        for (int h = warp; h < gs; h += kWarps) {
+            float sc[SUB], mt = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < SUB; i++) {
+                const int r = lane + 32 * i;
+                float v = 0.0f;
+                for (int p = 0; p < parts; p++)
+                    v += scs[(h * parts + p) * kTile + r];
+                sc[i] = r < n ? v * scale : -INFINITY;
+                mt = fmaxf(mt, sc[i]);
+            }
+            for (int o = 16; o > 0; o >>= 1)
+                mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+            const float mn = fmaxf(mrun[h], mt); /* finite: a tile has a live position */
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < SUB; i++) {
+                const int r = lane + 32 * i;
+                const float pr = r < n ? expf(sc[i] - mn) : 0.0f;
+                ps[h * kTile + r] = pr;
+                sum += pr;
+            }
+            for (int o = 16; o > 0; o >>= 1)
+                sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            __syncwarp();
+            if (lane == 0) {
+                const float c = expf(mrun[h] - mn); /* 0 on the first tile */
+                corr[h] = c;
+                lrun[h] = lrun[h] * c + sum;
+                mrun[h] = mn;
+            }
+        }
+        __syncthreads();
+        /* P.V: thread pairs over the tile's positions */
+#pragma unroll
+        for (int j = 0; j < S::PAIRS; j++) {
+            const int o = threadIdx.x + kThreads * j;
+            if (o >= npairs)
+                break;
+            const int h = o / (HD / 2), d = 2 * (o % (HD / 2));
+            const float c = corr[h];
+            float2 a = make_float2(acc[j].x * c, acc[j].y * c);
+            const float *ph = ps + h * kTile;
+            const unsigned char *vcol = vs + d * (int)sizeof(KV);
+#pragma unroll 8
+            for (int r = 0; r < n; r++) {
+                const float p = ph[r];
+                const float2 v = pair_floats(vcol + r * RB, (const KV *)nullptr);
+                a.x = fmaf(p, v.x, a.x);
+                a.y = fmaf(p, v.y, a.y);
+            }
+            acc[j] = a;
+        }
+        __syncthreads(); /* the next tile overwrites ks, vs, scs and ps */
+    }
+
+    const int ml = (2 * gs + 3) & ~3;               /* (m, l) pairs, padded: the outputs stay 16-byte aligned */
+    const int64_t stride = ml + (int64_t)gs * HD; /* floats per (group, split) */
+    float *mine = partial + ((int64_t)grp * gridDim.y + sp) * stride;
+    if (threadIdx.x < gs) {
+        mine[2 * threadIdx.x] = mrun[threadIdx.x];
+        mine[2 * threadIdx.x + 1] = lrun[threadIdx.x];
+    }
+#pragma unroll
+    for (int j = 0; j < S::PAIRS; j++) {
+        const int o = threadIdx.x + kThreads * j;
+        if (o < npairs)
+            reinterpret_cast<float2 *>(mine + ml)[o] = acc[j];
+    }
+    /* the last block of this group merges every split */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        last = atomicAdd(counters + grp, 1) == nsplit - 1;
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+    const float *base = partial + (int64_t)grp * gridDim.y * stride;
+    float ss = 0.0f, mx = 0.0f;
+#pragma unroll
+    for (int j = 0; j < S::PAIRS; j++) {
+        const int o = threadIdx.x + kThreads * j;
+        if (o >= npairs)
+            break;
+        const int h = o / (HD / 2);
+        float M = -INFINITY, L = 0.0f;
+        float2 a = make_float2(0.0f, 0.0f);
+        for (int s0 = 0; s0 < nsplit; s0 += kMergeBatch) { /* a batch's loads in flight together */
+            float2 pm[kMergeBatch], ov[kMergeBatch];
+#pragma unroll
+            for (int b = 0; b < kMergeBatch; b++)
+                if (s0 + b < nsplit) {
+                    const float *src = base + (s0 + b) * stride;
+                    pm[b] = __ldcg(reinterpret_cast<const float2 *>(src) + h);
+                    ov[b] = __ldcg(reinterpret_cast<const float2 *>(src + ml) + o);
+                }
+#pragma unroll
+            for (int b = 0; b < kMergeBatch; b++)
+                if (s0 + b < nsplit) {
+                    const float mn = fmaxf(M, pm[b].x);
+                    const float cold = expf(M - mn), cnew = expf(pm[b].x - mn);
+                    L = L * cold + pm[b].y * cnew;
+                    a = make_float2(a.x * cold + ov[b].x * cnew, a.y * cold + ov[b].y * cnew);
+                    M = mn;
+                }
+        }
+        const int64_t at = (int64_t)grp * gs * HD + 2 * o; /* the group's heads are consecutive */
+        const float v[2] = {a.x / L, a.y / L};
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            out[at + i] = v[i];
+            if (stats) { /* fused-norm decode: this block produces its group's heads */
+                const float vw = __fmul_rn(v[i], i == 0 ? nwp[j].x : nwp[j].y);
+                xw[at + i] = vw;
+                ss = __fadd_rn(ss, __fmul_rn(v[i], v[i]));
+                mx = fmaxf(mx, fabsf(vw));
+            }
+        }
+    }
+    if (threadIdx.x == 0)
+        counters[grp] = 0; /* ready for the next launch */
+    if (!stats)
+        return;
+    /* one partial per KV group, the warps summed in order */
+    for (int o = 16; o > 0; o >>= 1) {
+        ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    if (lane == 0)
+        wred[warp] = make_float2(ss, mx);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float2 p = wred[0];
+        for (int w = 1; w < kWarps; w++) {
+            p.x = __fadd_rn(p.x, wred[w].x);
+            p.y = fmaxf(p.y, wred[w].y);
+        }
+        stats[grp] = p;
+    }
+}
+
+template <int HD, typename KV>
+cudaError_t launch_hd(int gs, int n_head, int n_head_kv, int splits, cudaStream_t st, const float *qkv,
+                      const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial,
+                      int *counters, float *out, const float *nw, float *xw, float2 *stats)
+{
+    auto kernel = attention_decode_kernel<HD, KV>;
+    const size_t smem = tile_shape<HD, KV>::smem(gs);
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess)
+        return e;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)n_head_kv, (unsigned)splits);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, qkv, n_head, n_head_kv, static_cast<const KV *>(k_cache),
+                              static_cast<const KV *>(v_cache), pos, scale, partial, counters, out, nw, xw, stats);
+}
+
+} // namespace
+
+int32_t attention_decode_splits(int32_t n_ctx)
+{
+    const int32_t tiles = (n_ctx + kTile - 1) / kTile;
+    return tiles < kAttnMaxSplit ? tiles : kAttnMaxSplit;
+}
+
+int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
+                                int32_t n_ctx, float *partial, int *counters, float *out, cudaStream_t st,
+                                const float *nw, float *xw, float2 *stats)
+{
+    if (n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda decode attention: %d heads over %d KV heads", n_head, n_head_kv);
+    if (stats && (!nw || !xw))
+        return tern_fail(TERN_ERR_INVALID, "cuda decode attention: statistics without their buffers");
+    const int gs = n_head / n_head_kv, splits = attention_decode_splits(n_ctx);
+    const float scale = (float)(1.0 / sqrt((double)head_dim));
+#define ARGS gs, n_head, n_head_kv, splits, st, qkv, k_cache, v_cache, pos, scale, partial, counters, out, nw, xw, stats
+    cudaError_t err;
+    switch (head_dim * (kv_f32 ? -1 : 1)) {
+    case 32: err = launch_hd<32, __half>(ARGS); break;
+    case 64: err = launch_hd<64, __half>(ARGS); break;
+    case 128: err = launch_hd<128, __half>(ARGS); break;
+    case 256: err = launch_hd<256, __half>(ARGS); break;
+    case -32: err = launch_hd<32, float>(ARGS); break;
+    case -64: err = launch_hd<64, float>(ARGS); break;
+    case -128: err = launch_hd<128, float>(ARGS); break;
+    case -256: err = launch_hd<256, float>(ARGS); break;
+    default:
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda decode attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
+    }
+#undef ARGS
+    if (err != cudaSuccess)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching decode attention: %s", cudaGetErrorString(err));
+    return TERN_OK;
+}
