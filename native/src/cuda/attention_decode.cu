@@ -332,18 +332,9 @@ cudaError_t launch_hd(int gs, int n_head, int n_head_kv, int splits, cudaStream_
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess)
         return e;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)n_head_kv, (unsigned)splits);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, qkv, n_head, n_head_kv, static_cast<const KV *>(k_cache),
-                              static_cast<const KV *>(v_cache), pos, scale, partial, counters, out, nw, xw, stats);
+    return launch_k_smem(kernel, dim3((unsigned)n_head_kv, (unsigned)splits), dim3(kThreads), smem, st, qkv, n_head,
+                         n_head_kv, static_cast<const KV *>(k_cache), static_cast<const KV *>(v_cache), pos, scale,
+                         partial, counters, out, nw, xw, stats);
 }
 
 } // namespace

@@ -79,12 +79,16 @@ __device__ __forceinline__ float act(float g, bool relu2)
 
 bool pdl_enabled(void);
 
+/* A launch on st with programmatic dependent launch (where enabled) and `smem` bytes of dynamic
+ * shared memory. */
 template <typename... KArgs, typename... Args>
-cudaError_t launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t st, Args... args)
+cudaError_t launch_k_smem(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                          Args... args)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -92,6 +96,12 @@ cudaError_t launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream
     cfg.attrs = &attr;
     cfg.numAttrs = st != 0 && pdl_enabled() ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t st, Args... args)
+{
+    return launch_k_smem(kernel, grid, block, 0, st, args...);
 }
 
 #define LAUNCH(what, ...)                                                                   \
