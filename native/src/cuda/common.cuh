@@ -54,12 +54,13 @@ __device__ __forceinline__ void grid_wait()
  * data before grid_wait(), and grid_wait() returns only once the whole predecessor grid (which
  * itself waited on its own predecessor) has completed. Called in decode (one token) by the norm
  * and attention kernels, small grids followed by a GEMV or a norm (H100, interleaved runs on one
- * machine: 615 tokens/s against 603 without), and by the q|k|v GEMV, whose successor (the decode
- * attention) fetches the cached K/V rows before its wait (1,181 against 1,222 us per step). The
- * other matrix kernels do not: there the kernels after them in turn became resident early and
- * competed with the running GEMV (every kernel triggering: 568 against 595 tokens/s; the GEMVs
- * triggering after their dot products: 558 against 603). Prefill keeps the implicit trigger at
- * block exit (docs/CUDA.md). */
+ * machine: 615 tokens/s against 603 without), and by every fused-norm decode GEMV once its weight
+ * loads are issued: the q|k|v GEMV's successor, the decode attention, fetches the cached K/V rows
+ * before its wait, and each GEMV's successor GEMV issues its weight loads (GPU step on an H100:
+ * 1,070 us with every GEMV releasing, 1,121 with only q|k|v, 1,171 with none; third session,
+ * docs/CUDA.md). Earlier, with the norm kernels between the GEMVs and the prefill-style decode
+ * attention, releasing from the GEMVs measured slower (568 against 595 tokens/s). Prefill keeps
+ * the implicit trigger at block exit (docs/CUDA.md). */
 __device__ __forceinline__ void grid_launch_dependents()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -156,8 +157,8 @@ struct fused_gemv {
     float *out_xw;
     float2 *out_stats;
     const float *out_nw;
-    /* early: release the next kernel once this block's weight loads are issued (decode q|k|v:
-     * the attention's blocks become resident and fetch the cached K/V rows meanwhile) */
+    /* early: release the next kernel once this block's weight loads are issued (the fused-norm
+     * decode GEMVs and the separate-norm decode's q|k|v; grid_launch_dependents) */
     int early;
 };
 int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st);

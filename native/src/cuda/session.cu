@@ -64,6 +64,8 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
     cudaStream_t st = s->stream;
     fused_gemv a = decode_gemv_args(s, cache_at);
     a.eps = h->rms_eps;
+    /* every GEMV releases its successor once its weight loads are issued (common.cuh) */
+    a.early = 1;
     /* in: buffer b (nparts partials); out (next_nw set): buffer 1 - b */
     auto gemv = [&](const dmat &w, int b, int width, float *out, int epi, const float *next_nw) {
         a.w = w.w; a.rows = w.rows; a.nchunks = (int32_t)(w.cols / 64); a.scale = w.scale;
@@ -76,9 +78,9 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
             *nparts = (int32_t)gemv_t2_fused_blocks(a);
         return launch_gemv_t2_fused(a, st);
     };
-    a.rope = a.early = 1;
+    a.rope = 1;
     TRY(gemv(L->qkv, 0, (int)e, s->qkv, EPI_STORE, NULL));
-    a.rope = a.early = 0;
+    a.rope = 0;
     TRY(launch_attention_decode(s->qkv, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
                                 s->v_cache + cache_at, f32, s->pos, s->n_ctx, s->partial, s->counters, s->att, st,
                                 L->attn_sub_norm, s->nxw[1], s->nstats[1]));
