@@ -283,7 +283,8 @@ def test_open_decoder_backend_cuda(byte_model):
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_memcheck_is_clean(byte_model, tmp_path):
     """Kernels, prefill (GEMM path, two chunks of 512), decode (graph; per-operation kernels with
-    fused or separate norms, and the persistent kernel) under compute-sanitizer memcheck."""
+    fused or separate norms, the persistent kernel, and decode after 2,240 positions) under
+    compute-sanitizer memcheck."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import os
@@ -308,6 +309,14 @@ def test_memcheck_is_clean(byte_model, tmp_path):
                     d.forward([t])
                 if persistent == "1":
                     d.gemv_time("qkv", reps=1)
+        # decode attention past 32 splits of 64 positions: blocks take two tiles
+        os.environ["TERN_CUDA_PERSISTENT"] = "0"
+        os.environ["TERN_CUDA_FUSED_NORM"] = "1"
+        with native.NativeDecoder(load_model({str(byte_model("i2_s"))!r}), n_ctx=2304, device="cuda") as d:
+            d.forward(rng.integers(0, 259, 2240))
+            for t in range(3):
+                d.forward([t])
+            d.decode_step_time(reps=1)
         print("memcheck run done")
         """))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
