@@ -17,7 +17,8 @@
 namespace {
 
 constexpr int kThreads = 256, kWarps = kThreads / 32;
-constexpr int kMaxGroup = 16;  /* q heads per KV head */
+constexpr int kMaxGroup = kAttnMaxGroup;
+constexpr int kAttnMaxSplit = 32; /* splits per KV group at most (the partials buffer holds them) */
 constexpr int kTile = 64;      /* positions per tile: two per lane in the softmax */
 constexpr int kMergeBatch = 16; /* splits whose partials are loaded together in the merge */
 
@@ -337,13 +338,13 @@ cudaError_t launch_hd(int gs, int n_head, int n_head_kv, int splits, cudaStream_
                          partial, counters, out, nw, xw, stats);
 }
 
-} // namespace
-
 int32_t attention_decode_splits(int32_t n_ctx)
 {
     const int32_t tiles = (n_ctx + kTile - 1) / kTile;
     return tiles < kAttnMaxSplit ? tiles : kAttnMaxSplit;
 }
+
+} // namespace
 
 int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                                 const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,

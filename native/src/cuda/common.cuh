@@ -183,6 +183,8 @@ int32_t launch_norm_quant(const float *x, int64_t ldx, const float *w, int64_t w
 int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
                           const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st);
+constexpr int kAttnMaxGroup = 16; /* q heads per KV head the attention kernels take */
+
 /* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t] (prefill;
  * decode has its own kernel, below). */
 int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv,
@@ -192,10 +194,8 @@ int32_t launch_attention(const float *qkv, int32_t n, int32_t n_head, int32_t n_
 /* attention_decode.cu: one token's attention over positions [0, *pos] (tiles of the cache in
  * shared memory, the splits merged by the last block of each KV group). With stats (fused-norm
  * decode) the merging blocks also write xw = att * nw and one partial (sum att^2, max |att nw|)
- * per KV group. Splits (grid) from the context: partial holds n_head_kv x splits x
+ * per KV group. Splits (grid) from the context, at most 32: partial holds n_head_kv x 32 x
  * (2 gs + 3 + gs x head_dim) floats at most. */
-constexpr int kAttnMaxSplit = 32;
-int32_t attention_decode_splits(int32_t n_ctx);
 int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                                 const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
                                 int32_t n_ctx, float *partial, int *counters, float *out, cudaStream_t st,

@@ -130,7 +130,7 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
     }
 }
 
-constexpr int kMaxGroup = 16; /* q heads per KV head */
+constexpr int kMaxGroup = kAttnMaxGroup;
 constexpr int kBatch = 8;     /* positions per warp step: their loads are in flight together */
 
 /* grid (n_head_kv, n, n_split), one warp per q head of the KV group (they read the same K/V

@@ -28,10 +28,17 @@ static bool fused_norm_enabled(void)
     return !(env && strcmp(env, "0") == 0);
 }
 
+/* Byte offset of layer l's rows in the K and V caches. */
+static size_t layer_cache_at(const tern_cuda_session *s, int32_t l)
+{
+    return (size_t)l * (size_t)s->n_ctx * (size_t)s->m->kv_dim * s->kv_elem;
+}
+
 /* What every decode GEMV of a layer shares: the shape, the activation, and the q|k|v step's RoPE
  * tables and KV-cache rows (read only while a.rope is set). */
-static fused_gemv decode_gemv_args(const tern_cuda_session *s, size_t cache_at)
+static fused_gemv decode_gemv_args(const tern_cuda_session *s, int32_t l)
 {
+    const size_t cache_at = layer_cache_at(s, l);
     const hv_model *h = &s->m->hv;
     fused_gemv a = {};
     a.relu2 = h->activation == TERN_ACT_RELU2;
@@ -47,6 +54,18 @@ static fused_gemv decode_gemv_args(const tern_cuda_session *s, size_t cache_at)
     return a;
 }
 
+/* Layer l's decode attention over the cache (with nw: also att * nw and the attn_sub_norm
+ * partials, for the fused-norm step). */
+static int32_t decode_attention(tern_cuda_session *s, int32_t l, const float *nw = NULL, float *xw = NULL,
+                                float2 *stats = NULL)
+{
+    const hv_model *h = &s->m->hv;
+    const size_t cache_at = layer_cache_at(s, l);
+    return launch_attention_decode(s->qkv, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                                   s->v_cache + cache_at, s->kv_type == TERN_KV_F32, s->pos, s->n_ctx, s->partial,
+                                   s->counters, s->att, s->stream, nw, xw, stats);
+}
+
 /* The decode step without norm kernels: each kernel that produces a normalized GEMV's input
  * (the previous down or, for layer 0, norm_stats; attention's merging blocks; wo; gate|up)
  * also writes that input times the norm weights and per-block partial statistics, and the
@@ -58,11 +77,9 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
     const hv_model *h = &m->hv;
     const cuda_layer *L = &m->layers[l];
     const int64_t e = h->n_embd, ff = h->n_ff;
-    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
-    const bool f32 = s->kv_type == TERN_KV_F32;
     const bool last = l + 1 == h->n_layer; /* the output norm keeps its kernel (LM head input) */
     cudaStream_t st = s->stream;
-    fused_gemv a = decode_gemv_args(s, cache_at);
+    fused_gemv a = decode_gemv_args(s, l);
     a.eps = h->rms_eps;
     /* every GEMV releases its successor once its weight loads are issued (common.cuh) */
     a.early = 1;
@@ -81,9 +98,7 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
     a.rope = 1;
     TRY(gemv(L->qkv, 0, (int)e, s->qkv, EPI_STORE, NULL));
     a.rope = 0;
-    TRY(launch_attention_decode(s->qkv, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                                s->v_cache + cache_at, f32, s->pos, s->n_ctx, s->partial, s->counters, s->att, st,
-                                L->attn_sub_norm, s->nxw[1], s->nstats[1]));
+    TRY(decode_attention(s, l, L->attn_sub_norm, s->nxw[1], s->nstats[1]));
     *nparts = h->n_head_kv; /* one partial per KV group's merging block */
     TRY(gemv(L->wo, 1, (int)e, s->x, EPI_ADD, L->ffn_norm));
     a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
@@ -100,10 +115,8 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     const hv_model *h = &m->hv;
     const cuda_layer *L = &m->layers[l];
     const int64_t e = h->n_embd, ff = h->n_ff;
-    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
-    const bool f32 = s->kv_type == TERN_KV_F32;
     cudaStream_t st = s->stream;
-    fused_gemv a = decode_gemv_args(s, cache_at);
+    fused_gemv a = decode_gemv_args(s, l);
     a.xq = s->xq;
     a.meta = s->meta;
     auto gemv = [&](const dmat &w, const float *x, const float *norm, int width, float *out, int epi) {
@@ -115,8 +128,7 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     a.rope = a.early = 1;
     TRY(gemv(L->qkv, s->x, L->attn_norm, (int)e, s->qkv, EPI_STORE));
     a.rope = a.early = 0;
-    TRY(launch_attention_decode(s->qkv, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                                s->v_cache + cache_at, f32, s->pos, s->n_ctx, s->partial, s->counters, s->att, st));
+    TRY(decode_attention(s, l));
     TRY(gemv(L->wo, s->att, L->attn_sub_norm, (int)e, s->x, EPI_ADD));
     a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
     TRY(gemv(L->gate_up, s->x, L->ffn_norm, (int)e, s->h, EPI_STORE));
@@ -130,7 +142,7 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     const hv_model *h = &m->hv;
     const cuda_layer *L = &m->layers[l];
     const int64_t e = h->n_embd, ff = h->n_ff;
-    const size_t cache_at = (size_t)l * (size_t)s->n_ctx * (size_t)m->kv_dim * s->kv_elem;
+    const size_t cache_at = layer_cache_at(s, l);
     const bool f32 = s->kv_type == TERN_KV_F32;
     const bool relu2 = h->activation == TERN_ACT_RELU2;
     /* a few tokens: up to 64 splits of the positions; a prompt: 8 per token (the partials
