@@ -30,6 +30,14 @@ struct dmat {
     const float *scale; /* per row */
 };
 
+/* Returns the status of a call that failed (its message is already set). */
+#define TRY(expr)                   \
+    do {                            \
+        const int32_t st_ = (expr); \
+        if (st_ != TERN_OK)         \
+            return st_;             \
+    } while (0)
+
 #define CUDA_TRY(call)                                                                      \
     do {                                                                                    \
         cudaError_t err_ = (call);                                                          \

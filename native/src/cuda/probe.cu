@@ -7,13 +7,6 @@
 
 #include "persist.h"
 
-#define TRY_STATUS(expr)            \
-    do {                            \
-        const int32_t st_ = (expr); \
-        if (st_ != TERN_OK)         \
-            return st_;             \
-    } while (0)
-
 extern "C" int32_t tern_cuda_available(void)
 {
     int count = 0;
@@ -221,7 +214,7 @@ static int32_t persist_step_time(tern_cuda_model *m, int32_t which, int32_t reps
 {
     *done = false;
     tern_cuda_session *s = NULL;
-    TRY_STATUS(tern_cuda_session_create(m, 16, TERN_KV_F16, &s));
+    TRY(tern_cuda_session_create(m, 16, TERN_KV_F16, &s));
     persist_state *p = NULL;
     int32_t st = persist_init(s, &p);
     const size_t e = (size_t)m->hv.n_embd;
@@ -263,7 +256,7 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
     const hv_model *h = &m->hv;
     if (which < 4 && persist_enabled()) { /* as decode runs it */
         bool done = false;
-        TRY_STATUS(persist_step_time(m, which, reps, seconds, &done));
+        TRY(persist_step_time(m, which, reps, seconds, &done));
         if (done) {
             const cuda_layer *L = &m->layers[0];
             const dmat &w = which == 0 ? L->qkv : which == 1 ? L->wo : which == 2 ? L->gate_up : L->down;

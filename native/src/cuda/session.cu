@@ -14,13 +14,6 @@ int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, i
     return launch_gemm(w, t2, xq, meta, n, out, ldo, epi, st);
 }
 
-#define TRY(expr)                   \
-    do {                            \
-        const int32_t st_ = (expr); \
-        if (st_ != TERN_OK)         \
-            return st_;             \
-    } while (0)
-
 /* TERN_CUDA_FUSED_NORM=0: decode with the separate norm + quantization kernels (A/B). */
 static bool fused_norm_enabled(void)
 {
