@@ -121,6 +121,33 @@ __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
     return s;
 }
 
+/* dp4a of unsigned bytes (masked codes, up to 0xC0) and signed inputs. The codes of group g of a
+ * chunk sit at bits 7-6 (g = 0), ..., 1-0 (g = 3) of every byte: masked without the shift they
+ * are code * 4^(3 - g), so each group keeps its own sum, scaled back exactly at the end (every
+ * term is a multiple): two instructions per four weights instead of three (mask, shift, dp4a).
+ * H100, same machine, two rounds: decode GPU step 1,063 -> 1,038 us, gate|up 6.9 -> 6.1 us. */
+__device__ __forceinline__ int dp4a_us(uint32_t a, int b, int c)
+{
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+/* sum(code * x) over one 16-byte chunk of T2 codes (w + 1) and its 64 inputs, exact */
+__device__ __forceinline__ int32_t dot_chunk(const uint4 &w, const int (&xr)[16])
+{
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    int g0 = 0, g1 = 0, g2 = 0, g3 = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        g0 = dp4a_us(words[i] & 0xC0C0C0C0u, xr[i], g0);
+        g1 = dp4a_us(words[i] & 0x30303030u, xr[4 + i], g1);
+        g2 = dp4a_us(words[i] & 0x0C0C0C0Cu, xr[8 + i], g2);
+        g3 = dp4a_us(words[i] & 0x03030303u, xr[12 + i], g3);
+    }
+    return (g0 >> 6) + (g1 >> 4) + (g2 >> 2) + g3;
+}
+
 /* Blocks per SM the register budget is sized for: 8 where the grid needs them (2B4T: gate|up
  * 864 blocks), fewer where the input quantization (NQ) or long rows need registers to keep
  * the loads in flight without spilling (down: 320 blocks, 2.4 per SM of an H100). */
@@ -206,14 +233,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
             for (int k = 0; k < 16; k++)
                 qsum = __dp4a(xr[k], 0x01010101, qsum);
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const uint32_t words[4] = {wv[r][c].x, wv[r][c].y, wv[r][c].z, wv[r][c].w};
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int g = 0; g < 4; g++)
-                    acc[r] = __dp4a((int)((words[i] >> (6 - 2 * g)) & 0x03030303u), xr[g * 4 + i], acc[r]);
-        }
+        for (int r = 0; r < R; r++)
+            acc[r] += dot_chunk(wv[r][c], xr);
     }
 #pragma unroll
     for (int r = 0; r < R; r++)
