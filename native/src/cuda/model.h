@@ -10,6 +10,7 @@
 #define TERN_CUDA_CHUNK 512   /* tokens per prefill chunk (scratch is sized for it) */
 #define TERN_CUDA_MAX_SPLIT 64    /* attention splits at most (partials buffer, merge) */
 #define TERN_CUDA_PREFILL_SPLIT 8 /* attention splits per token in prefill (partials: 8 per token) */
+#define TERN_CUDA_HEAD_PIECES 4   /* one-token LM head: row ranges whose logits are copied while the next runs */
 
 enum head_kind { HEAD_I8 = 0, HEAD_F16 = 1, HEAD_F32 = 2 };
 
@@ -36,6 +37,10 @@ struct tern_cuda_session {
     tern_cuda_model *m;
     int32_t n_ctx, n_past;
     cudaStream_t stream;
+    /* one-token steps: the LM head runs in TERN_CUDA_HEAD_PIECES row ranges, each recording
+     * head_done[i]; copy_stream copies a range's logits to the host while the next range runs */
+    cudaStream_t copy_stream;
+    cudaEvent_t head_done[TERN_CUDA_HEAD_PIECES];
     cudaGraphExec_t decode_graph; /* one-token step, captured at the first decode */
     bool graph_tried;
     persist_state *persist;    /* the persistent decode step (persist.cu), or NULL: one kernel per operation */
