@@ -108,13 +108,12 @@ __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
             if (i >= n4)
                 break;
             const float f[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-            uint32_t packed = 0;
+            int q[4];
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float q = fminf(fmaxf(rintf(__fmul_rn(__fmul_rn(f[k], inv), s)), -128.0f), 127.0f);
-                packed |= (uint32_t)(uint8_t)(int8_t)q << (8 * k);
-            }
-            reinterpret_cast<uint32_t *>(xs)[i] = packed;
+            for (int k = 0; k < 4; k++)
+                q[k] = round_sat_s8(__fmul_rn(__fmul_rn(f[k], inv), s));
+            reinterpret_cast<uint32_t *>(xs)[i] =
+                __byte_perm(__byte_perm(q[0], q[1], 0x0040), __byte_perm(q[2], q[3], 0x0040), 0x5410);
         }
     }
     __syncthreads();

@@ -79,9 +79,9 @@ norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restr
     for (int j = 0; j < kNormPerThread; j++) {
         const int i = threadIdx.x + j * kNormThreads;
         if (i < width) {
-            const float q = fminf(fmaxf(rintf(__fmul_rn(v[j], s)), -128.0f), 127.0f);
+            const int q = round_sat_s8(__fmul_rn(v[j], s));
             xq[(int64_t)t * width + i] = (int8_t)q;
-            sum += (int)q;
+            sum += q;
             if (xf)
                 xf[(int64_t)t * width + i] = v[j];
         }

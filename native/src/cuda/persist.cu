@@ -218,7 +218,7 @@ __device__ float norm_quant(const float *in, int W, float eps, const float *nw, 
     for (int j = 0; j < PER; j++) {
         const int i = threadIdx.x + j * kThreads;
         if (i < W) {
-            const float q = fminf(fmaxf(rintf(__fmul_rn(v[j], s)), -128.0f), 127.0f);
+            const int q = round_sat_s8(__fmul_rn(v[j], s));
             const int rem = i & 127;
             xs[(rem >> 5) * gstride + ((i >> 7) * 2 + ((rem >> 4) & 1)) * 16 + (rem & 15)] = (int8_t)q;
         }
