@@ -194,9 +194,34 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
             if (valid[r])
                 onw[r] = a.out_nw[o];
         }
+    /* so are the rows' scales and, for q|k|v, the RoPE factors at this step's position (uploaded
+     * before the step): the epilogue then waits on no load that could have been issued earlier
+     * (H100: each was an L2 round trip on every GEMV's critical path) */
+    __shared__ float scs[kWarps][R]; /* the warp's row scales (shared memory: no register held) */
+#pragma unroll
+    for (int r = 0; r < R; r++)
+        if (lane == r)
+            scs[threadIdx.x / 32][r] = valid[r] && a.epi != EPI_RAW ? a.scale[row[r]] : 0.0f;
+    float rc = 0.0f, rs = 0.0f;
+    int64_t pos = 0;
+    if (MODE == MODE_ROPE && lane == 0 && valid[0]) {
+        pos = *a.pos;
+        if (row[0] / a.head_dim < a.n_head + a.n_head_kv) { /* q or k rows */
+            const int half = a.head_dim / 2;
+            rc = a.rope_cos[pos * half + unit % half];
+            rs = a.rope_sin[pos * half + unit % half];
+        }
+    }
     if (a.early)
         grid_launch_dependents();
     grid_wait(); /* the input comes from the previous kernel */
+    /* the residual a wo/down adds to: final once the predecessor has completed; loaded now, with
+     * the input */
+    float prv = 0.0f; /* lane r < R: row r's */
+#pragma unroll
+    for (int r = 0; r < R; r++)
+        if (MODE == MODE_PLAIN && lane == r && valid[r] && a.epi == EPI_ADD)
+            prv = a.out[row[r]];
     const int8_t *qs;
     float s;
     int sum = 0;
@@ -244,12 +269,19 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
             qsum += __shfl_xor_sync(0xffffffffu, qsum, o);
         sum = qsum;
     }
+    __syncwarp();
+    float sc[R], prev[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        sc[r] = scs[threadIdx.x / 32][r];
+        prev[r] = __shfl_sync(0xffffffffu, prv, r);
+    }
     float ss = 0.0f, mx = 0.0f; /* a producer's statistics of the values this warp writes */
     if (lane == 0 && valid[0]) {
         float y[R];
 #pragma unroll
         for (int r = 0; r < R; r++)
-            y[r] = valid[r] && a.epi != EPI_RAW ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), a.scale[row[r]])
+            y[r] = valid[r] && a.epi != EPI_RAW ? __fmul_rn(__fdiv_rn((float)(acc[r] - sum), s), sc[r])
                                                 : 0.0f;
         if (MODE == MODE_PLAIN) {
 #pragma unroll
@@ -260,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
                     reinterpret_cast<int32_t *>(a.out)[row[r]] = acc[r] - sum;
                     continue;
                 }
-                const float v = a.epi == EPI_ADD ? __fadd_rn(a.out[row[r]], y[r]) : y[r];
+                const float v = a.epi == EPI_ADD ? __fadd_rn(prev[r], y[r]) : y[r];
                 a.out[row[r]] = v;
                 if (produce) {
                     const float vw = __fmul_rn(v, onw[r]);
@@ -284,13 +316,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
                 }
         } else {
             const int half = a.head_dim / 2;
-            const int64_t head = row[0] / a.head_dim, j = unit % half, pos = *a.pos;
+            const int64_t head = row[0] / a.head_dim;
             const int64_t e = (int64_t)a.n_head * a.head_dim, kv_dim = (int64_t)a.n_head_kv * a.head_dim;
             float ya = y[0], yb = y[1];
             if (head < a.n_head + a.n_head_kv) { /* q or k: NeoX rotate-half */
-                const float c = a.rope_cos[pos * half + j], sn = a.rope_sin[pos * half + j];
-                const float y1 = __fsub_rn(__fmul_rn(ya, c), __fmul_rn(yb, sn));
-                const float y2 = __fadd_rn(__fmul_rn(yb, c), __fmul_rn(ya, sn));
+                const float y1 = __fsub_rn(__fmul_rn(ya, rc), __fmul_rn(yb, rs));
+                const float y2 = __fadd_rn(__fmul_rn(yb, rc), __fmul_rn(ya, rs));
                 ya = y1;
                 yb = y2;
             }
