@@ -3,8 +3,10 @@ run the GPU route a user would otherwise take: Hugging Face transformers' BitNet
 bf16 with a static cache (its decode step compiled, CUDA graphs), random weights of the same
 shape.
 
-Reported: decode tokens/s (tg), prompt tokens/s and time to first token for a 512-token prompt,
-the device's measured read bandwidth, decode bandwidth (bytes per token x tokens/s) against it,
+Reported: decode tokens/s (tg; after one untimed pass of the same tokens, as the transformers
+route is timed after two generations), the decode step on the GPU alone (the captured graph
+replayed, no host work), prompt tokens/s and time to first token for a 512-token prompt, the
+device's measured read bandwidth, decode bandwidth (bytes per token x tokens/s) against it,
 and each decode GEMV shape's bandwidth (q|k|v, wo, gate|up, down, LM head) timed in a graph over
 every layer's matrix so the bytes exceed the L2 cache (with TERN_CUDA_PERSISTENT=1: as the
 persistent decode kernel runs that step, docs/CUDA.md). Median and best of --repeat runs."""
