@@ -97,6 +97,12 @@ __device__ __forceinline__ float act(float g, bool relu2)
     return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
 }
 
+/* Whether the kernels run code compiled for sm_90 or later, where the Hopper instructions
+ * (griddepcontrol, TMA bulk copies) exist. A GPU newer than the library's SASS (sm_100,
+ * sm_120, ...) runs the driver's compilation of the sm_80 PTX, which has none of them: launched
+ * as a dependent launch there, a kernel would not wait for its predecessor (grid_wait() is
+ * empty). */
+bool sm90_code(void);
 bool pdl_enabled(void);
 
 /* A launch on st with programmatic dependent launch (where enabled) and `smem` bytes of dynamic

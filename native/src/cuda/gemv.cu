@@ -125,13 +125,22 @@ int32_t chunks_per_lane(int64_t nchunks, const char *what)
 
 } // namespace
 
+bool sm90_code(void)
+{
+    static const bool on = [] {
+        cudaFuncAttributes fa;
+        const bool ok = cudaFuncGetAttributes(&fa, gemv_float_kernel<float>) == cudaSuccess && fa.ptxVersion >= 90;
+        cudaGetLastError();
+        return ok;
+    }();
+    return on;
+}
+
 bool pdl_enabled(void)
 {
     static const bool on = [] {
         const char *env = getenv("TERN_CUDA_PDL");
-        int major = 0;
-        return !(env && env[0] == '0') && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess &&
-               major >= 9;
+        return !(env && env[0] == '0') && sm90_code();
     }();
     return on;
 }

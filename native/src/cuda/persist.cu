@@ -702,7 +702,7 @@ int32_t persist_init(tern_cuda_session *s, persist_state **out)
     int dev = 0, sms = 0, coop = 0, optin = 0, major = 0;
     CUDA_TRY(cudaGetDevice(&dev));
     CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    if (major < 9) /* the slots are filled by cp.async.bulk (TMA) */
+    if (major < 9 || !sm90_code()) /* the slots are filled by cp.async.bulk (TMA) */
         return TERN_OK;
     CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
