@@ -699,11 +699,10 @@ int32_t persist_init(tern_cuda_session *s, persist_state **out)
     const hv_model *h = &m->hv;
     if (!persist_enabled() || !shape_covered(m))
         return TERN_OK;
-    int dev = 0, sms = 0, coop = 0, optin = 0, major = 0;
-    CUDA_TRY(cudaGetDevice(&dev));
-    CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    if (major < 9 || !sm90_code()) /* the slots are filled by cp.async.bulk (TMA) */
+    if (!sm90_code()) /* the slots are filled by cp.async.bulk (TMA) */
         return TERN_OK;
+    int dev = 0, sms = 0, coop = 0, optin = 0;
+    CUDA_TRY(cudaGetDevice(&dev));
     CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
     CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
