@@ -228,8 +228,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     if (NQ) {
         /* float4 loads in flight per thread: all of a 2560- or 6912-wide input at once, so the
          * second half of down's input no longer waits for the statistics (H100, docs/CUDA.md);
-         * gate|up of wider models half (more would spill its registers) */
-        s = quantize_block<(NCH > 2 ? (MODE == MODE_GLU ? 8 : 14) : 5)>(a, xs); /* every thread of the block takes part */
+         * gate|up of wider models half (more would spill its registers). Every thread of the
+         * block takes part. */
+        s = quantize_block<(NCH > 2 ? (MODE == MODE_GLU ? 8 : 14) : 5)>(a, xs);
         qs = xs;
     } else {
         qs = a.xq;
