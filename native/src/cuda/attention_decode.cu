@@ -110,7 +110,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     /* Before the wait: the position comes from the host copy ahead of the step, and the cached
      * rows before it from earlier steps; only the newest row (this step's q|k|v kernel) and q
      * depend on the previous kernel. */
-    const int npos = *pos0 + 1, ntiles = (npos + kTile - 1) / kTile;
+    const int npos = __ldcg(pos0) + 1, ntiles = (npos + kTile - 1) / kTile;
     const int nsplit = ntiles < (int)gridDim.y ? ntiles : (int)gridDim.y;
     if (sp >= nsplit) {
         grid_launch_dependents();
@@ -132,7 +132,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         fetch(sp * kTile, first_n - 1, first_n);
     const float *q = qkv + (int64_t)grp * gs * HD; /* the group's q heads are consecutive */
     for (int i = threadIdx.x; i < gs * HD; i += kThreads)
-        qs[i] = q[i];
+        qs[i] = __ldcg(q + i);
     if (threadIdx.x < gs) {
         mrun[threadIdx.x] = -INFINITY;
         lrun[threadIdx.x] = 0.0f;

@@ -40,7 +40,7 @@ __device__ __forceinline__ void finish(int32_t acc, int64_t row, const act_meta 
         static_cast<int32_t *>(out)[row] = acc;
         return;
     }
-    const float v = __fmul_rn(__fdiv_rn((float)acc, meta->s), scale[row]);
+    const float v = __fmul_rn(__fdiv_rn((float)acc, __ldcg(&meta->s)), scale[row]);
     float *o = static_cast<float *>(out) + row;
     *o = epi == EPI_ADD ? __fadd_rn(*o, v) : v;
 }
@@ -72,7 +72,7 @@ gemv_i8_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
 #pragma unroll
     for (int c = 0; c < NCH; c++) {
         const int ch = lane + c * 32;
-        xr[c] = ch < nchunks ? *reinterpret_cast<const int4 *>(xq + ch * 16) : make_int4(0, 0, 0, 0);
+        xr[c] = ch < nchunks ? __ldcg(reinterpret_cast<const int4 *>(xq + ch * 16)) : make_int4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
@@ -106,7 +106,7 @@ gemv_float_kernel(const T *__restrict__ w, int64_t rows, int64_t cols, const flo
         const float *x = xf + (int64_t)t * cols;
         float acc = 0.0f;
         for (int64_t c = lane; c < cols; c += 32)
-            acc = fmaf((float)row[c], x[c], acc);
+            acc = fmaf((float)row[c], __ldcg(x + c), acc);
         acc = warp_sumf(acc);
         if (lane == 0)
             out[(int64_t)t * rows + r] = acc;

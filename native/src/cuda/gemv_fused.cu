@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     float rc = 0.0f, rs = 0.0f;
     int64_t pos = 0;
     if (MODE == MODE_ROPE && lane == 0 && valid[0]) {
-        pos = *a.pos;
+        pos = __ldcg(a.pos);
         if (row[0] / a.head_dim < a.n_head + a.n_head_kv) { /* q or k rows */
             const int half = a.head_dim / 2;
             rc = a.rope_cos[pos * half + unit % half];

@@ -54,8 +54,8 @@ norm_quant_kernel(const float *__restrict__ x, int64_t ldx, const float *__restr
     for (int j = 0; j < kNormPerThread; j++) {
         const int i = threadIdx.x + j * kNormThreads;
         const bool in = i < width;
-        v[j] = in ? row[i] : 0.0f;
-        up[j] = GLU && in ? row[width + i] : 0.0f;
+        v[j] = in ? __ldcg(row + i) : 0.0f;
+        up[j] = GLU && in ? __ldcg(row + width + i) : 0.0f;
     }
     float ss = 0.0f;
 #pragma unroll
@@ -105,20 +105,20 @@ __global__ void rope_store_kernel(float *qkv, int n_head, int n_head_kv, int hd,
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = hd / 2;
     const int64_t kv_dim = (int64_t)n_head_kv * hd, e = (int64_t)n_head * hd;
     grid_wait();
-    const int64_t pos = *pos0 + t;
+    const int64_t pos = __ldcg(pos0) + t;
     float *row = qkv + (int64_t)t * (e + 2 * kv_dim);
     if (h >= n_head + n_head_kv) {
         const int vh = h - n_head - n_head_kv;
         const float *src = row + e + kv_dim + (int64_t)vh * hd;
         KV *dst = v_cache + pos * kv_dim + (int64_t)vh * hd;
-        put(dst + i, src[i]);
-        put(dst + i + half, src[i + half]);
+        put(dst + i, __ldcg(src + i));
+        put(dst + i + half, __ldcg(src + i + half));
         return;
     }
     const bool is_k = h >= n_head;
     float *xh = is_k ? row + e + (int64_t)(h - n_head) * hd : row + (int64_t)h * hd;
     const float c = rope_cos[pos * half + i], s = rope_sin[pos * half + i];
-    const float x1 = xh[i], x2 = xh[i + half];
+    const float x1 = __ldcg(xh + i), x2 = __ldcg(xh + i + half);
     const float y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
     const float y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
     xh[i] = y1;
@@ -151,14 +151,14 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     const int h = grp * gs + warp;
     const int64_t kv_dim = (int64_t)n_head_kv * HD, e = (int64_t)n_head * HD;
     grid_wait();
-    const int npos = *pos0 + t + 1;
+    const int npos = __ldcg(pos0) + t + 1;
     const int chunk = (npos + nsplit - 1) / nsplit, p0 = sp * chunk;
     const int p1 = min(npos, p0 + chunk);
     float q[D], o[D];
     const float *qrow = qkv + (int64_t)t * (e + 2 * kv_dim) + (int64_t)h * HD + lane * D;
 #pragma unroll
     for (int i = 0; i < D; i++) {
-        q[i] = qrow[i];
+        q[i] = __ldcg(qrow + i);
         o[i] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
@@ -229,7 +229,7 @@ norm_stats_kernel(const float *__restrict__ x, const float *__restrict__ w, int 
     grid_wait();
     float ss = 0.0f, mx = 0.0f;
     for (int i = threadIdx.x; i < width; i += kNormThreads) {
-        const float v = x[i], vw = __fmul_rn(v, w[i]);
+        const float v = __ldcg(x + i), vw = __fmul_rn(v, w[i]);
         xw[i] = vw;
         ss = __fadd_rn(ss, __fmul_rn(v, v));
         mx = fmaxf(mx, fabsf(vw));
