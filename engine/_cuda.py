@@ -14,6 +14,13 @@ c_float_p = _native.c_float_p
 
 _declared = False
 
+TOP_K = 256  # TERN_CUDA_TOP_K
+
+
+class CudaTop(ctypes.Structure):
+    """tern_cuda_top: the best logits of a one-token step, best first."""
+    _fields_ = [("exact", ctypes.c_int32), ("ids", ctypes.c_int32 * TOP_K), ("logits", ctypes.c_float * TOP_K)]
+
 
 def has_cuda(h: ctypes.CDLL) -> bool:
     return hasattr(h, "tern_cuda_available")
@@ -59,6 +66,12 @@ def declare(h: ctypes.CDLL) -> bool:
     fn("tern_cuda_forward", ctypes.c_int32, vp, c_int32_p, ctypes.c_int32, c_float_p, ctypes.c_int32)
     # void tern_cuda_cancel(tern_cuda_session *session);
     fn("tern_cuda_cancel", None, vp)
+    # int32_t tern_cuda_decode_top(tern_cuda_session *session, int32_t token, tern_cuda_top *out);
+    fn("tern_cuda_decode_top", ctypes.c_int32, vp, ctypes.c_int32, ctypes.POINTER(CudaTop))
+    # int32_t tern_cuda_last_logits(tern_cuda_session *session, float *out_logits);
+    fn("tern_cuda_last_logits", ctypes.c_int32, vp, c_float_p)
+    # int32_t tern_cuda_top_test(const float *logits, int64_t n, tern_cuda_top *out);
+    fn("tern_cuda_top_test", ctypes.c_int32, c_float_p, ctypes.c_int64, ctypes.POINTER(CudaTop))
     # int32_t tern_cuda_session_graph_active(const tern_cuda_session *session);
     fn("tern_cuda_session_graph_active", ctypes.c_int32, vp)
     # int32_t tern_cuda_kernel_test(int32_t op, const void *w, uint64_t w_size, int64_t rows,

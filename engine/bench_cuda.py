@@ -3,8 +3,10 @@ run the GPU route a user would otherwise take: Hugging Face transformers' BitNet
 bf16 with a static cache (its decode step compiled, CUDA graphs), random weights of the same
 shape.
 
-Reported: decode tokens/s (tg; after one untimed pass of the same tokens, as the transformers
-route is timed after two generations), the decode step on the GPU alone (the captured graph
+Reported: decode tokens/s (tg; after one untimed pass, as the transformers route is timed after
+two generations) two ways: the chat session's loop, greedy as the peer generates (each step's
+best logits selected on the GPU, the sampler, the next step: what a chat runs), and every
+step's whole logit vector copied to the host; the decode step on the GPU alone (the captured graph
 replayed, no host work), prompt tokens/s and time to first token for a 512-token prompt, the
 device's measured read bandwidth, decode bandwidth (bytes per token x tokens/s) against it,
 and each decode GEMV shape's bandwidth (q|k|v, wo, gate|up, down, LM head) timed in a graph over
@@ -44,6 +46,7 @@ def _bytes_per_token(model, lm_head: str, n_ctx_mean: float) -> dict:
 def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx: int) -> dict:
     from engine.cuda import CudaDecoder
     from engine.model import load_model
+    from engine.sampling import Sampler, SamplerParams
 
     t0 = time.perf_counter()
     dec = CudaDecoder(load_model(model_path), n_ctx=n_ctx, lm_head=lm_head)
@@ -52,22 +55,43 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
         rng = np.random.default_rng(7)
         prompt = rng.integers(0, dec.n_vocab, PROMPT).tolist()
         decode_ids = rng.integers(0, dec.n_vocab, tg).tolist()
-        dec.forward(prompt[:64])       # warm-up: module load, first launches, graph capture
+
+        def chat_decode() -> float:
+            """The chat session's decode loop, greedy as the peer: the GPU's best logits, the
+            sampler, the next step (positions PROMPT.. PROMPT + tg, as below)."""
+            dec.truncate(PROMPT - 1)
+            sampler, history = Sampler(SamplerParams.greedy_params()), list(prompt)
+            top = dec.forward_top(prompt[-1])
+            t = time.perf_counter()
+            for _ in range(tg):
+                token = sampler.sample(top, history)
+                history.append(token)
+                top = dec.forward_top(token)
+            return tg / (time.perf_counter() - t)
+
+        def logits_decode() -> float:
+            """Every step's whole logit vector to the host (no sampling)."""
+            dec.truncate(PROMPT)
+            t = time.perf_counter()
+            for tok in decode_ids:
+                dec.forward([tok])
+            return tg / (time.perf_counter() - t)
+
+        dec.forward(prompt[:64])       # warm-up: module load, first launches, graph captures
         dec.forward([1])
-        dec.truncate(0)                # and one untimed pass of the measured tokens, as the peer
-        dec.forward(prompt)            # below generates twice before it is timed
-        for tok in decode_ids:
-            dec.forward([tok])
-        ttft, tg_tps = [], []
+        dec.forward_top(1)
+        dec.truncate(0)                # and one untimed pass of each loop, as the peer below
+        dec.forward(prompt)            # generates twice before it is timed
+        chat_decode()
+        logits_decode()
+        ttft, tg_tps, tg_logits_tps = [], [], []
         for _ in range(repeat):
             dec.truncate(0)
             t = time.perf_counter()
             dec.forward(prompt)
             ttft.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for tok in decode_ids:
-                dec.forward([tok])
-            tg_tps.append(tg / (time.perf_counter() - t))
+            tg_tps.append(chat_decode())
+            tg_logits_tps.append(logits_decode())
         step = dec.decode_step_time()
         shapes = {}
         for name in SHAPES:
@@ -80,7 +104,8 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
         return {"engine": "tern cuda", "lm_head": lm_head, "kernel": dec.kernel, "decode": decode, "device": dec.device,
                 "load_s": load_s, f"ttft{PROMPT}_s": _summary(ttft, higher_is_better=False),
                 f"pp{PROMPT}_tps": _summary([PROMPT / s for s in ttft]), f"tg{tg}_tps": _summary(tg_tps),
-                "gpu_step_s": step, "bytes_per_token": bpt, "gemv": shapes}
+                f"tg{tg}_logits_tps": _summary(tg_logits_tps), "gpu_step_s": step, "bytes_per_token": bpt,
+                "gemv": shapes}
     finally:
         dec.close()
 
@@ -192,9 +217,12 @@ def format_report(report: dict, tg: int) -> str:
         key = f"tg{tg}_tps"
         lines.append(f"{e['engine']}" + (f" [{e['kernel']}, decode: {e['decode']}] {e['lm_head']} head" if "kernel" in e else
                                          f" (transformers {e['transformers']}, torch {e['torch']})"))
-        lines.append(f"  tg{tg}  : {e[key]['median']:9.1f} / {e[key]['best']:9.1f} tok/s")
+        lines.append(f"  tg{tg}  : {e[key]['median']:9.1f} / {e[key]['best']:9.1f} tok/s"
+                     + (" (greedy: the chat's loop over the GPU's best logits)" if "kernel" in e else ""))
         if "kernel" not in e:
             continue
+        logits = e[f"tg{tg}_logits_tps"]
+        lines.append(f"  tg{tg}  : {logits['median']:9.1f} / {logits['best']:9.1f} tok/s (every step's logits to the host)")
         lines.append(f"  decode step on the GPU alone: {1e6 * e['gpu_step_s']:.1f} us = {1 / e['gpu_step_s']:.0f} tok/s")
         lines.append(f"  pp{PROMPT} : {e[f'pp{PROMPT}_tps']['median']:9.0f} / {e[f'pp{PROMPT}_tps']['best']:9.0f} tok/s")
         lines.append(f"  ttft  : {1e3 * e[f'ttft{PROMPT}_s']['median']:9.2f} / {1e3 * e[f'ttft{PROMPT}_s']['best']:9.2f} ms")

@@ -19,6 +19,7 @@ import numpy as np
 from engine import _cuda, _native
 from engine.errors import NativeError
 from engine.native import KV_TYPES, NativeModel, _check
+from engine.sampling import TopLogits
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,17 @@ def run_kernel(op: str, w: np.ndarray, rows: int, k: int, x: np.ndarray) -> np.n
     return y
 
 
+def top_logits(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The GPU's selection of the best logits (as forward_top makes it) over a host vector:
+    (ids, logits, exact), best first (test entry)."""
+    x = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1)
+    out = _cuda.CudaTop()
+    _check(lib().tern_cuda_top_test(x.ctypes.data_as(_native.c_float_p), x.size, ctypes.byref(out)))
+    n = min(x.size, _cuda.TOP_K)
+    return np.ctypeslib.as_array(out.ids)[:n].astype(np.int64), np.ctypeslib.as_array(out.logits)[:n].copy(), \
+        int(out.exact)
+
+
 def bandwidth_probe(nbytes: int = 2 << 30, reps: int = 20) -> float:
     """Device memory read bandwidth, GB/s (median of reps)."""
     out = ctypes.c_double()
@@ -102,6 +114,7 @@ class CudaDecoder:
         major_minor = self.device.split("(sm_", 1)[1].split(",", 1)[0] if "(sm_" in self.device else "?"
         self.kernel = f"cuda-sm{major_minor}"
         self._handle = self._session = None
+        self._top = _cuda.CudaTop()
         with NativeModel(model, lm_head) as host:
             handle = ctypes.c_void_p()
             _check(h.tern_cuda_model_create(host.handle, ctypes.byref(handle)))
@@ -146,6 +159,20 @@ class CudaDecoder:
         _check(lib().tern_cuda_forward(self._live(), tokens.ctypes.data_as(_native.c_int32_p), tokens.size,
                                        out.ctypes.data_as(_native.c_float_p), int(all_logits)))
         return out if all_logits else out[0]
+
+    def forward_top(self, token: int) -> TopLogits:
+        """forward([token]) with the best logits selected on the GPU: only those (2 kB) reach the
+        host; .full() copies the whole vector while this step is the session's latest."""
+        _check(lib().tern_cuda_decode_top(self._live(), int(token), ctypes.byref(self._top)))
+        n = min(self.n_vocab, _cuda.TOP_K)
+        ids = np.ctypeslib.as_array(self._top.ids)[:n].astype(np.int64)
+        logits = np.ctypeslib.as_array(self._top.logits)[:n].copy()
+        return TopLogits(ids, logits, int(self._top.exact), self.n_vocab, self._last_logits)
+
+    def _last_logits(self) -> np.ndarray:
+        out = np.empty(self.n_vocab, dtype=np.float32)
+        _check(lib().tern_cuda_last_logits(self._live(), out.ctypes.data_as(_native.c_float_p)))
+        return out
 
     def truncate(self, n: int) -> None:
         _check(lib().tern_cuda_session_truncate(self._live(), n))

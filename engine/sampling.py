@@ -8,7 +8,7 @@ temperature 1, and temperature only reshapes the draw among the survivors.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,20 @@ class SamplerParams:
         return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
 
 
+@dataclass(frozen=True)
+class TopLogits:
+    """The best logits of one position as a decoder that selects them on its device returns them
+    (CudaDecoder.forward_top): best first (higher logit, then lower id), the first `exact` of
+    them exactly the vocabulary's best; `full()` returns the whole vector while that step is the
+    decoder's latest. A sampler with top-k or greedy needs no more than the best few unless a
+    repetition penalty pushes many of them down (Sampler.sample checks)."""
+    ids: np.ndarray       # int64
+    logits: np.ndarray    # float32
+    exact: int
+    n_vocab: int
+    full: Callable[[], np.ndarray]
+
+
 class Sampler:
     """Picks the next token from a logit vector. One instance per generation: its random
     stream is seeded once, so the same seed and the same logits give the same tokens."""
@@ -65,9 +79,23 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        """logits: (n_vocab,) float; history: the ids already in the context, oldest first
-        (the prompt and the reply so far), for the repetition penalty."""
+    @property
+    def takes_top(self) -> bool:
+        """Whether TopLogits can serve this sampler: greedy or top-k, and no penalty below 1
+        (that one raises the recent tokens, wherever they rank)."""
+        p = self.params
+        raises = p.repeat_penalty < 1.0 and p.repeat_last_n != 0
+        return (p.greedy or p.top_k > 0) and not raises
+
+    def sample(self, logits: np.ndarray | TopLogits, history: Sequence[int] = ()) -> int:
+        """logits: (n_vocab,) float, or a TopLogits; history: the ids already in the context,
+        oldest first (the prompt and the reply so far), for the repetition penalty. The same
+        token either way."""
+        if isinstance(logits, TopLogits):
+            token = self._sample_top(logits, history)
+            if token is not None:
+                return token
+            logits = logits.full()
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.size == 0:
             raise SamplerParamsError(f"expected a 1-D logit vector, got shape {logits.shape}")
@@ -76,6 +104,36 @@ class Sampler:
             return int(np.argmax(logits))  # first maximum = lowest id on ties
         ids, kept = filter_candidates(logits, self.params)
         return int(ids[self._draw(kept / self.params.temperature)])
+
+    def _sample_top(self, top: TopLogits, history: Sequence[int]) -> int | None:
+        """The token sample() would pick from the full vector, from the exact best candidates
+        alone; None when they may not hold it. A penalty >= 1 only lowers logits, so a token
+        outside the candidates stays behind every unpenalized candidate: with top-k (greedy: k = 1)
+        the candidates suffice while at least k of them are unpenalized. They come best first,
+        which is the order top-k sorts into, so the first k are its survivors."""
+        p = self.params
+        if not self.takes_top:
+            return None
+        n = top.exact
+        ids, logits = top.ids[:n], top.logits[:n]
+        recent = _recent_ids(history, p.repeat_penalty, p.repeat_last_n)
+        k = 1 if p.greedy else p.top_k
+        if recent.size:
+            at = np.minimum(np.searchsorted(recent, ids), recent.size - 1)
+            hit = recent[at] == ids
+            logits = np.where(hit, np.where(logits <= 0, logits * p.repeat_penalty, logits / p.repeat_penalty),
+                              logits)
+            order = np.lexsort((ids, -logits))  # best first again
+            ids, logits = ids[order], logits[order]
+            unpenalized = n - int(hit.sum())
+        else:
+            unpenalized = n
+        if n < top.n_vocab and unpenalized < k:
+            return None
+        if p.greedy:
+            return int(ids[0])
+        local, kept = _after_top_k(logits, np.arange(min(k, n)), p)
+        return int(ids[local[self._draw(kept / p.temperature)]])
 
     def _draw(self, logits: np.ndarray) -> int:
         probs = np.exp(logits.astype(np.float64) - logits.max())
@@ -88,13 +146,20 @@ class Sampler:
 # The filters, each usable on its own (the tests check them one by one)
 # ---------------------------------------------------------------------------------------------
 
+def _recent_ids(history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
+    """The distinct ids the repetition penalty touches (sorted; none when it is off)."""
+    if penalty == 1.0 or last_n == 0 or len(history) == 0:
+        return np.zeros(0, dtype=np.int64)
+    recent = history if last_n < 0 else history[-last_n:]
+    return np.unique(np.asarray(recent, dtype=np.int64))
+
+
 def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
     """llama.cpp's repetition penalty: each distinct id among the last `last_n` of `history`
     has its logit divided by `penalty` if positive, multiplied by it otherwise. Returns a copy."""
-    if penalty == 1.0 or last_n == 0 or len(history) == 0:
+    ids = _recent_ids(history, penalty, last_n)
+    if ids.size == 0:
         return logits
-    recent = history if last_n < 0 else history[-last_n:]
-    ids = np.unique(np.asarray(recent, dtype=np.int64))
     ids = ids[(ids >= 0) & (ids < logits.size)]
     out = logits.copy()
     values = out[ids]
@@ -107,19 +172,28 @@ def filter_candidates(logits: np.ndarray, params: SamplerParams) -> tuple[np.nda
     best first (ties in id order) whenever any filter is on."""
     use_top_p = params.top_p < 1.0
     if params.top_k > 0:
-        ids = _sorted_ids(logits, _top_k_ids(logits, params.top_k))
-        if use_top_p:
-            ids = _top_p(logits, ids, params.top_p)
-    elif use_top_p:
+        return _after_top_k(logits, _sorted_ids(logits, _top_k_ids(logits, params.top_k)), params)
+    if use_top_p:
         ids = _top_p_full(logits, params.top_p)
     elif params.min_p > 0.0:
         ids = _sorted_ids(logits, np.flatnonzero(logits >= logits.max() + math.log(params.min_p)))
     else:
         ids = np.arange(logits.size)
+    return _min_p(logits, ids, params.min_p)
+
+
+def _after_top_k(logits: np.ndarray, ids: np.ndarray, params: SamplerParams) -> tuple[np.ndarray, np.ndarray]:
+    """Top-p, then min-p, over the top-k survivors `ids` (best first)."""
+    if params.top_p < 1.0:
+        ids = _top_p(logits, ids, params.top_p)
+    return _min_p(logits, ids, params.min_p)
+
+
+def _min_p(logits: np.ndarray, ids: np.ndarray, min_p: float) -> tuple[np.ndarray, np.ndarray]:
     kept = logits[ids]
-    if params.min_p > 0.0:
+    if min_p > 0.0:
         # p_i >= min_p * p_max  <=>  logit_i >= logit_max + ln(min_p); the best one always stays
-        keep = kept >= kept.max() + math.log(params.min_p)
+        keep = kept >= kept.max() + math.log(min_p)
         ids, kept = ids[keep], kept[keep]
     return ids, kept
 

@@ -307,6 +307,8 @@ class ChatSession:
                      cancel: threading.Event | None, stats: GenerationStats):
         """Yields the 'token' events and fills `stats`."""
         sampler = Sampler(params)
+        # a decoder that selects the best logits on its device (CUDA) sends only those
+        top = sampler.takes_top and hasattr(self.decoder, "forward_top")
         detok = self.tokenizer.detokenizer(skip_special=True)
         stop_ids = self.tokenizer.eos_ids
         reply: list[int] = []
@@ -321,7 +323,7 @@ class ChatSession:
             if token in stop_ids:
                 stats.stop_reason = "eos"
                 try:
-                    self._feed([token])  # the end of turn belongs in the cache: the next render has it
+                    self._feed([token], top)  # the end of turn belongs in the cache: the next render has it
                 except CancelledError:
                     pass                 # then the next turn prefills it
                 busy += time.perf_counter() - start
@@ -337,7 +339,7 @@ class ChatSession:
                 break
             start = time.perf_counter()
             try:
-                logits = self._feed([token])
+                logits = self._feed([token], top)
             except CancelledError:
                 stats.stop_reason = "cancelled"
                 break
@@ -357,8 +359,8 @@ class ChatSession:
         stats.generated, stats.ids, stats.text = len(reply), reply, "".join(text)
         self._remember_reply(stats.text, reply)
 
-    def _feed(self, ids: list[int]):
-        logits = self.decoder.forward(ids)
+    def _feed(self, ids: list[int], top: bool = False):
+        logits = self.decoder.forward_top(ids[0]) if top else self.decoder.forward(ids)
         self._cached.extend(ids)
         return logits
 

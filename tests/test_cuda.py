@@ -182,6 +182,23 @@ def test_decode_graph_equals_prefill(byte_model):
 
 
 @gpu
+@pytest.mark.parametrize("head", ["int8", "f16"])
+def test_default_decode_graph_equals_prefill(tiny_model_path, head):
+    """The settings a user gets (int8 LM head, f16 cache, dependent launches in the graph): each
+    decode step's logits against the prefill of the same tokens, to float rounding. Reading the
+    int8 head's input through the non-coherent cache once gave other logits here (relative
+    error ~1) while f16-head decode stayed exact."""
+    path = tiny_model_path("i2_s")
+    ids = teacher_ids(128256, 24)
+    with _cuda_decoder(path, 64, lm_head=head) as dec, _cuda_decoder(path, 64, lm_head=head) as pre:
+        want = pre.forward(ids, all_logits=True)[16:]
+        dec.forward(ids[:16])
+        got = np.stack([dec.forward([int(t)]) for t in ids[16:]])
+        assert dec.graph_active == (os.environ.get("TERN_CUDA_GRAPH") != "0")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+@gpu
 @pytest.mark.parametrize("kv", ["f32", "f16"])
 def test_long_context_decode_attention_equals_prefill(byte_model, kv):
     """Decode after 2,232 cached positions: the decode attention's blocks take more than one tile
@@ -278,13 +295,122 @@ def test_open_decoder_backend_cuda(byte_model):
         dec.close()
 
 
+# ---------------------------------------------------------------------------------------------
+# the best logits selected on the GPU (forward_top): what the chat's sampler reads
+# ---------------------------------------------------------------------------------------------
+
+def _best_first_ids(x: np.ndarray) -> np.ndarray:
+    """Higher logit first, lower id among equal ones, NaN after everything (-0 equals +0)."""
+    nan = np.isnan(x)
+    return np.lexsort((np.arange(x.size), -np.where(nan, 0, x), nan))
+
+
+def _check_top(x: np.ndarray, ids: np.ndarray, logits: np.ndarray, exact: int, what: str) -> None:
+    want = _best_first_ids(x)[:exact]
+    assert 1 <= exact <= min(x.size, 256), what
+    np.testing.assert_array_equal(ids[:exact], want, err_msg=what)
+    np.testing.assert_array_equal(logits[:exact], x[want], err_msg=what)  # NaN == NaN here
+
+
+@gpu
+def test_top_selection_equals_a_sort():
+    rng = np.random.default_rng(5)
+    for n in [1, 7, 259, 1024, 1025, 5000, 128256, 300000]:
+        x = rng.standard_normal(n).astype(np.float32)
+        ids, logits, exact = cuda.top_logits(x)
+        if n <= 128256:  # up to 126 blocks keep 16 keys each; 300,000 tokens: 293 blocks keep 4
+            assert exact == min(n, 256), n
+        _check_top(x, ids, logits, exact, f"random {n}")
+    # equal logits everywhere: the lowest ids, exact as far as the first block's kept keys reach
+    x = np.full(128256, 0.5, np.float32)
+    ids, logits, exact = cuda.top_logits(x)
+    assert exact >= 16
+    _check_top(x, ids, logits, exact, "all equal")
+    # the 300 best in one block of 1024: that block hides some, exactness stops at its last kept
+    x = rng.standard_normal(128256).astype(np.float32)
+    x[:300] = 100 + rng.standard_normal(300).astype(np.float32)
+    ids, logits, exact = cuda.top_logits(x)
+    assert 16 <= exact < 256
+    _check_top(x, ids, logits, exact, "clustered")
+    # NaN, infinities, signed zeros, ties
+    x = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, 1.0, -0.0, np.nan, 3.0] * 40, np.float32)
+    ids, logits, exact = cuda.top_logits(x)
+    assert exact == 256
+    _check_top(x, ids, logits, exact, "special values")
+
+
+@gpu
+def test_forward_top_equals_the_full_logits(tiny_model_path, byte_model):
+    """Decode steps through forward_top: the candidates are the step's exact best logits, the
+    step's whole vector (full()) equals forward() on a second session fed the same tokens, and
+    full() refuses once the session moved on."""
+    for path, n_vocab in [(tiny_model_path("i2_s"), 128256), (byte_model("tq2_0"), 259)]:
+        ids = teacher_ids(n_vocab, 24)
+        with _cuda_decoder(path, 64) as dec, _cuda_decoder(path, 64) as twin:
+            dec.forward(ids[:16])
+            twin.forward(ids[:16])
+            for t in ids[16:]:
+                top = dec.forward_top(int(t))
+                full = top.full()
+                np.testing.assert_array_equal(full, twin.forward([int(t)]))
+                assert top.exact == min(n_vocab, 256) and top.n_vocab == n_vocab
+                _check_top(full, top.ids, top.logits, top.exact, f"vocabulary {n_vocab}")
+            assert dec.n_past == twin.n_past == 24
+            assert dec.forward_top(1).full().shape == (n_vocab,)
+            dec.truncate(20)
+            with pytest.raises(NativeError):
+                top.full()
+            with pytest.raises(NativeError):
+                dec.forward_top(n_vocab)
+            assert dec.n_past == 20
+
+
+@gpu
+def test_chat_session_on_cuda_samples_the_tokens_of_the_full_vector(tiny_model_path):
+    """The session's decode loop on the GPU takes the candidates; the same settings over the
+    whole logit vector of a second decoder pick the same tokens."""
+    from engine.sampling import Sampler, SamplerParams
+    from engine.session import ChatSession
+    from engine.chat import BitNetChatFormat
+    from engine.tokenizer import Tokenizer
+
+    path = tiny_model_path("i2_s")
+    prompt = teacher_ids(128256, 20).tolist()
+    for params in [SamplerParams.greedy_params(), SamplerParams(seed=9, repeat_penalty=1.2)]:
+        with load_model(path) as m:
+            tokenizer = Tokenizer.from_gguf_metadata(m.tokenizer_metadata)
+        with ChatSession(_cuda_decoder(path, 128), tokenizer, BitNetChatFormat(tokenizer)) as session:
+            done = [e for e in session.complete(prompt, params, max_tokens=24) if e.kind == "done"][0]
+        with _cuda_decoder(path, 128) as dec:
+            sampler, history, want = Sampler(params), list(prompt), []
+            logits = dec.forward(prompt)
+            while len(want) < 24:
+                token = sampler.sample(logits, history)
+                if token in tokenizer.eos_ids:
+                    break
+                want.append(token)
+                history.append(token)
+                logits = dec.forward([token])
+        assert done.stats.ids == want, params
+
+
+@gpu
+def test_cuda_bench_reports_both_decode_loops(byte_model):
+    from engine.bench_cuda import format_report, run_cuda_bench
+    report = run_cuda_bench(byte_model("i2_s"), ["int8"], repeat=1, tg=8, n_ctx=600, peer=False)
+    tern = report["engines"][0]
+    assert tern["tg8_tps"]["median"] > 0 and tern["tg8_logits_tps"]["median"] > 0 and tern["gpu_step_s"] > 0
+    text = format_report(report, 8)
+    assert "the chat's loop over the GPU's best logits" in text and "every step's logits to the host" in text
+
+
 @gpu
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_memcheck_is_clean(byte_model, tmp_path):
-    """Kernels, prefill (GEMM path, two chunks of 512), decode (graph; per-operation kernels with
-    fused or separate norms, the persistent kernel, and decode after 2,240 positions) under
-    compute-sanitizer memcheck."""
+    """Kernels, the top-logits selection, prefill (GEMM path, two chunks of 512), decode (graph;
+    per-operation kernels with fused or separate norms, the persistent kernel, forward_top, and
+    decode after 2,240 positions) under compute-sanitizer memcheck."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import os
@@ -297,6 +423,8 @@ def test_memcheck_is_clean(byte_model, tmp_path):
             w = pack_t2(random_ternary(rng, rows, k))
             cuda.run_kernel("gemv_t2" if n == 1 else "gemm_t2", w, rows, k, random_int8(rng, n, k))
             cuda.run_kernel("gemm_i8", random_int8(rng, rows, k), rows, k, random_int8(rng, 2, k))
+        for n in [5, 1025, 128256]:
+            cuda.top_logits(rng.standard_normal(n).astype(np.float32))
         # decode: fused norms (default), separate norm kernels, the persistent kernel
         for fmt, head, kv, persistent, fused in [("i2_s", "int8", "f16", "0", "1"), ("f16", "f16", "f32", "0", "0"),
                                                  ("i2_s", "int8", "f16", "1", "1")]:
@@ -307,6 +435,8 @@ def test_memcheck_is_clean(byte_model, tmp_path):
                 d.forward(rng.integers(0, 259, 530), all_logits=True)
                 for t in range(5):
                     d.forward([t])
+                for t in range(3):
+                    d.forward_top(t).full()
                 if persistent == "1":
                     d.gemv_time("qkv", reps=1)
         # decode attention past 32 splits of 64 positions: blocks take two tiles

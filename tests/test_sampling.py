@@ -11,6 +11,7 @@ from engine.sampling import (
     Sampler,
     SamplerParams,
     SamplerParamsError,
+    TopLogits,
     apply_repeat_penalty,
     filter_candidates,
 )
@@ -195,3 +196,83 @@ def test_bad_params_raise_a_typed_error(bad):
 def test_bad_logits_raise_a_typed_error():
     with pytest.raises(SamplerParamsError):
         Sampler(params()).sample(np.zeros((2, 3), dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# TopLogits: the best candidates a device selected (CudaDecoder.forward_top) give the same token
+# ---------------------------------------------------------------------------------------------
+
+def _best_first(logits: np.ndarray, k: int = 256, exact: int | None = None, fetched: list | None = None) -> TopLogits:
+    """What forward_top returns for these logits: the k best, higher logit then lower id first."""
+    order = np.lexsort((np.arange(logits.size), -logits))[:k]
+
+    def full():
+        if fetched is not None:
+            fetched.append(True)
+        return logits
+    return TopLogits(order.astype(np.int64), logits[order], len(order) if exact is None else exact, logits.size, full)
+
+
+TOP_PARAMS = [
+    SamplerParams.greedy_params(),
+    SamplerParams(seed=3),
+    SamplerParams(seed=4, temperature=1.7, top_k=5, top_p=1.0, min_p=0.0),
+    SamplerParams(seed=5, repeat_penalty=1.3, repeat_last_n=64),
+    SamplerParams(seed=6, top_k=180, top_p=0.99, min_p=0.0, repeat_penalty=1.1, repeat_last_n=-1),
+    SamplerParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=2.0),
+]
+
+
+@pytest.mark.parametrize("params", TOP_PARAMS, ids=str)
+def test_top_candidates_pick_the_token_the_full_vector_picks(params):
+    """Over many draws (logits with ties, histories full of the best tokens), the sampler fed the
+    candidates stays in lockstep with one fed the whole vector, and fetches the whole vector
+    only when the candidates may not hold the pick."""
+    rng = np.random.default_rng(11)
+    from_top, from_full = Sampler(params), Sampler(params)
+    fetched: list = []
+    for step in range(120):
+        logits = np.round(rng.standard_normal(5000) * 3, 1).astype(np.float32)  # many equal logits
+        best = np.argsort(-logits)[:300]
+        history = list(rng.choice(best[: 40 + step], size=int(rng.integers(0, 100)))) + list(rng.integers(0, 5000, 30))
+        want = from_full.sample(logits, history)
+        assert from_top.sample(_best_first(logits, fetched=fetched), history) == want, step
+    assert from_top.takes_top
+    if params.repeat_penalty == 1.0:
+        assert not fetched  # nothing penalized: 256 candidates always hold the pick
+
+
+def test_top_candidates_fall_back_when_too_few_are_exact_or_unpenalized():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    best = np.argsort(-logits)
+    for params, exact, history in [
+        (SamplerParams(seed=1, top_k=40), 39, []),                                   # fewer exact than k
+        (SamplerParams(seed=1, top_k=40, repeat_penalty=1.5, repeat_last_n=-1), 256, list(best[:220])),
+        (SamplerParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.5, repeat_last_n=-1),
+         256, list(best[:256])),                                                    # greedy, all 256 penalized
+    ]:
+        fetched: list = []
+        got = Sampler(params).sample(_best_first(logits, exact=exact, fetched=fetched), history)
+        assert fetched, params
+        assert got == Sampler(params).sample(logits, history)
+
+
+def test_samplers_that_need_the_whole_vector_do_not_take_candidates():
+    assert not Sampler(SamplerParams(top_k=0)).takes_top                               # top-p over everything
+    assert not Sampler(SamplerParams(repeat_penalty=0.8)).takes_top                    # raises recent tokens
+    assert Sampler(SamplerParams(repeat_penalty=0.8, repeat_last_n=0)).takes_top
+    assert Sampler(SamplerParams.greedy_params()).takes_top
+    fetched: list = []
+    logits = np.linspace(-1, 1, 300, dtype=np.float32)
+    assert Sampler(SamplerParams(seed=1, top_k=0)).sample(_best_first(logits, fetched=fetched)) >= 0
+    assert fetched
+
+
+def test_a_whole_small_vocabulary_needs_no_fallback():
+    """A vocabulary smaller than the candidate count is exact in full: top-k above it is fine."""
+    logits = np.arange(10, dtype=np.float32)
+    fetched: list = []
+    params = SamplerParams(seed=2, top_k=50, repeat_penalty=1.2, repeat_last_n=-1)
+    got = Sampler(params).sample(_best_first(logits, fetched=fetched), list(range(10)))
+    assert not fetched and got == Sampler(params).sample(logits, list(range(10)))

@@ -47,6 +47,23 @@ TERN_API int32_t tern_cuda_session_copy(tern_cuda_session *dst, const tern_cuda_
 TERN_API int32_t tern_cuda_forward(tern_cuda_session *session, const int32_t *tokens, int32_t n,
                                    float *out_logits, int32_t all_logits);
 TERN_API void tern_cuda_cancel(tern_cuda_session *session);
+
+/* The best logits of a one-token step, best first (higher logit, then lower id): entries
+ * [0, exact) are exactly the vocabulary's best; ids past min(n_vocab, TERN_CUDA_TOP_K) are -1. */
+#define TERN_CUDA_TOP_K 256
+typedef struct tern_cuda_top {
+    int32_t exact;
+    int32_t ids[TERN_CUDA_TOP_K];
+    float logits[TERN_CUDA_TOP_K];
+} tern_cuda_top;
+/* Decodes one token as tern_cuda_forward does, but selects the best logits on the GPU and
+ * copies only those (2 kB instead of the vocabulary's logits: a sampler with top-k or greedy
+ * needs no more). The whole logit vector of that step stays on the GPU until the next call that
+ * changes the session: tern_cuda_last_logits copies it. */
+TERN_API int32_t tern_cuda_decode_top(tern_cuda_session *session, int32_t token, tern_cuda_top *out);
+TERN_API int32_t tern_cuda_last_logits(tern_cuda_session *session, float *out_logits);
+/* Test entry: the GPU's selection over n host logits (vocabularies up to 2,097,152 tokens). */
+TERN_API int32_t tern_cuda_top_test(const float *logits, int64_t n, tern_cuda_top *out);
 /* 1 once decode runs as a replayed CUDA graph (2: a graph of the persistent decode kernel), 0
  * before the first decode or without graphs. */
 TERN_API int32_t tern_cuda_session_graph_active(const tern_cuda_session *session);

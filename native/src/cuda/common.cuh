@@ -229,5 +229,11 @@ int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head
  * (sum x^2, max |x w|) at stats[0], for the first layer's attn_norm. */
 int32_t launch_norm_stats(const float *x, const float *w, int64_t width, float *xw, float2 *stats,
                           cudaStream_t st);
+/* top.cu: the best TERN_CUDA_TOP_K of n_vocab logits into out (host-mapped memory may be
+ * written directly); kept: TOP_LOGITS_SCRATCH_KEYS keys of device scratch, ticket: a zeroed int.
+ * Vocabularies up to 1024 x TOP_LOGITS_SCRATCH_KEYS tokens. */
+#define TOP_LOGITS_SCRATCH_KEYS 2048
+int32_t launch_top_logits(const float *logits, int64_t n_vocab, uint64_t *kept, int *ticket, tern_cuda_top *out,
+                          cudaStream_t st);
 
 #endif

@@ -43,6 +43,14 @@ struct tern_cuda_session {
     cudaEvent_t head_done[TERN_CUDA_HEAD_PIECES];
     cudaGraphExec_t decode_graph; /* one-token step, captured at the first decode */
     bool graph_tried;
+    /* tern_cuda_decode_top: its own graph (the uploads, the step with the LM head in one piece,
+     * the selection), the selection's scratch, and its result in host-mapped memory */
+    cudaGraphExec_t top_graph;
+    bool top_tried;
+    bool top_logits_valid;     /* s->logits holds the last decode_top step's logits */
+    uint64_t *top_kept;
+    int *top_ticket;
+    tern_cuda_top *host_top, *dev_top;
     persist_state *persist;    /* the persistent decode step (persist.cu), or NULL: one kernel per operation */
     bool persist_tried;
     int32_t kv_type;           /* TERN_KV_F16 or TERN_KV_F32 (the reference's precision) */
@@ -67,8 +75,9 @@ struct tern_cuda_session {
 int32_t model_alloc(tern_cuda_model *m, void **p, size_t bytes);
 
 /* Enqueue the decoder for n tokens (positions from s->pos) on s->stream; logits rows for
- * tokens [t0, n) when want_logits. */
-int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0);
+ * tokens [t0, n) when want_logits. One token's LM head runs in TERN_CUDA_HEAD_PIECES ranges,
+ * each recording its event, unless whole_head. */
+int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0, bool whole_head = false);
 
 int32_t matmul(const dmat &w, bool t2, const int8_t *xq, const act_meta *meta, int32_t n, float *out,
                int64_t ldo, int epi, cudaStream_t st);

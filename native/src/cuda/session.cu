@@ -179,7 +179,7 @@ static int32_t launch_head_rows(tern_cuda_session *s, int64_t r0, int64_t rows)
                              m->head_kind == HEAD_F16, rows, e, s->xf, 1, s->logits + r0, s->stream);
 }
 
-int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0)
+int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32_t t0, bool whole_head)
 {
     const tern_cuda_model *m = s->m;
     const hv_model *h = &m->hv;
@@ -199,7 +199,7 @@ int32_t enqueue_forward(tern_cuda_session *s, int32_t n, bool want_logits, int32
     const int32_t nt = n - t0;
     TRY(launch_norm_quant(s->x + t0 * e, e, m->output_norm, e, h->rms_eps, nt, false, false, s->xq, s->meta,
                           m->head_kind == HEAD_I8 ? NULL : s->xf, s->stream));
-    if (nt > 1) {
+    if (nt > 1 || whole_head) {
         if (m->head_kind == HEAD_I8)
             return matmul(m->head, false, s->xq, s->meta, nt, s->logits, h->n_vocab, EPI_STORE, s->stream);
         return launch_gemv_float(m->head.w, m->head_kind == HEAD_F16, h->n_vocab, e, s->xf, nt, s->logits, s->stream);
@@ -245,6 +245,11 @@ static int32_t session_alloc(tern_cuda_session *s)
                              "(%d positions)", want[i].bytes, s->n_ctx);
         }
     CUDA_TRY(cudaMemset(s->counters, 0, T * (size_t)h->n_head * sizeof(int)));
+    CUDA_TRY(cudaMalloc((void **)&s->top_kept, TOP_LOGITS_SCRATCH_KEYS * sizeof(uint64_t)));
+    CUDA_TRY(cudaMalloc((void **)&s->top_ticket, sizeof(int)));
+    CUDA_TRY(cudaMemset(s->top_ticket, 0, sizeof(int)));
+    CUDA_TRY(cudaHostAlloc((void **)&s->host_top, sizeof(tern_cuda_top), cudaHostAllocMapped));
+    CUDA_TRY(cudaHostGetDevicePointer((void **)&s->dev_top, s->host_top, 0));
     /* fused-norm decode where every normalized width fits the GEMV's shared memory; partials:
      * at most one per block of the widest producer grid (wo/down: rows/8, gate|up: n_ff/8) or
      * one per KV group */
@@ -312,9 +317,11 @@ extern "C" void tern_cuda_session_free(tern_cuda_session *s)
         return;
     if (s->decode_graph)
         cudaGraphExecDestroy(s->decode_graph);
+    if (s->top_graph)
+        cudaGraphExecDestroy(s->top_graph);
     persist_free(s->persist);
     void *dev[] = {s->k_cache, s->v_cache, s->x, s->qkv, s->h, s->att, s->xf, s->partial, s->logits,
-                   s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos, s->counters};
+                   s->rope_cos, s->rope_sin, s->xq, s->meta, s->pos, s->counters, s->top_kept, s->top_ticket};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         cudaFree(dev[i]);
     for (int b = 0; b < 2; b++) {
@@ -323,6 +330,7 @@ extern "C" void tern_cuda_session_free(tern_cuda_session *s)
     }
     cudaFreeHost(s->host_x);
     cudaFreeHost(s->host_pos);
+    cudaFreeHost(s->host_top);
     for (int32_t i = 0; i < TERN_CUDA_HEAD_PIECES; i++)
         if (s->head_done[i])
             cudaEventDestroy(s->head_done[i]);
@@ -342,6 +350,7 @@ extern "C" int32_t tern_cuda_session_truncate(tern_cuda_session *s, int32_t n)
     if (n < 0 || n > s->n_past)
         return tern_fail(TERN_ERR_INVALID, "truncate(%d) outside [0, %d]", n, s->n_past);
     s->n_past = n;
+    s->top_logits_valid = false;
     return TERN_OK;
 }
 
@@ -361,6 +370,7 @@ extern "C" int32_t tern_cuda_session_copy(tern_cuda_session *dst, const tern_cud
         CUDA_TRY(cudaMemcpy(dst->v_cache + d0, src->v_cache + so, bytes, cudaMemcpyDeviceToDevice));
     }
     dst->n_past = src->n_past;
+    dst->top_logits_valid = false;
     return TERN_OK;
 }
 
@@ -381,39 +391,59 @@ static bool graphs_enabled(void)
     return !(env && strcmp(env, "0") == 0);
 }
 
-/* The one-token step as a graph; a failed capture leaves decode on plain launches. */
-static void capture_decode(tern_cuda_session *s)
+/* The host's embedding rows and position to the GPU (pinned buffers: a graph may hold the copies). */
+static int32_t enqueue_uploads(tern_cuda_session *s, int32_t n)
 {
-    s->graph_tried = true;
+    CUDA_TRY(cudaMemcpyAsync(s->x, s->host_x, (size_t)n * (size_t)s->m->hv.n_embd * 4, cudaMemcpyHostToDevice,
+                             s->stream));
+    CUDA_TRY(cudaMemcpyAsync(s->pos, s->host_pos, 4, cudaMemcpyHostToDevice, s->stream));
+    return TERN_OK;
+}
+
+/* decode_top's step: the uploads, the decoder with its LM head in one piece (no range copies to
+ * overlap), the selection written to host-mapped memory. */
+static int32_t enqueue_top(tern_cuda_session *s)
+{
+    TRY(enqueue_uploads(s, 1));
+    TRY(enqueue_forward(s, 1, true, 0, true));
+    return launch_top_logits(s->logits, s->m->hv.n_vocab, s->top_kept, s->top_ticket, s->dev_top, s->stream);
+}
+
+/* The one-token step as a graph (top: decode_top's, from the uploads to the selection); a failed
+ * capture leaves that step on plain launches. */
+static cudaGraphExec_t capture_step(tern_cuda_session *s, bool top)
+{
     if (!graphs_enabled())
-        return;
+        return NULL;
     cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
     if (cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess)
-        return;
-    const int32_t st = enqueue_forward(s, 1, true, 0);
+        return NULL;
+    const int32_t st = top ? enqueue_top(s) : enqueue_forward(s, 1, true, 0);
     const cudaError_t end = cudaStreamEndCapture(s->stream, &graph);
-    if (st == TERN_OK && end == cudaSuccess && graph &&
-        cudaGraphInstantiate(&s->decode_graph, graph, 0) != cudaSuccess)
-        s->decode_graph = NULL;
+    if (st == TERN_OK && end == cudaSuccess && graph && cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess)
+        exec = NULL;
     if (graph)
         cudaGraphDestroy(graph);
     cudaGetLastError(); /* a failed capture is not an error of the next call */
+    return exec;
 }
 
 static int32_t forward_chunk(tern_cuda_session *s, const int32_t *tokens, int32_t n, float *logits, bool all)
 {
     const tern_cuda_model *m = s->m;
-    const int64_t e = m->hv.n_embd, V = m->hv.n_vocab;
+    const int64_t V = m->hv.n_vocab;
     hv_embed_rows(&m->hv.embd, tokens, n, s->host_x);
     *s->host_pos = s->n_past;
-    CUDA_TRY(cudaMemcpyAsync(s->x, s->host_x, (size_t)(n * e) * 4, cudaMemcpyHostToDevice, s->stream));
-    CUDA_TRY(cudaMemcpyAsync(s->pos, s->host_pos, 4, cudaMemcpyHostToDevice, s->stream));
+    TRY(enqueue_uploads(s, n));
     if (n == 1 && !s->persist_tried) { /* before the capture: it allocates */
         s->persist_tried = true;
         TRY(persist_init(s, &s->persist));
     }
-    if (n == 1 && logits && !s->graph_tried)
-        capture_decode(s);
+    if (n == 1 && logits && !s->graph_tried) {
+        s->graph_tried = true;
+        s->decode_graph = capture_step(s, false);
+    }
     if (n == 1 && logits && s->decode_graph)
         CUDA_TRY(cudaGraphLaunch(s->decode_graph, s->stream));
     else
@@ -446,6 +476,7 @@ extern "C" int32_t tern_cuda_forward(tern_cuda_session *s, const int32_t *tokens
         if (tokens[i] < 0 || tokens[i] >= s->m->hv.n_vocab)
             return tern_fail(TERN_ERR_INVALID, "token id %d at %d outside [0, %d)", tokens[i], i, s->m->hv.n_vocab);
     s->cancel.store(0);
+    s->top_logits_valid = false;
     const int32_t start = s->n_past;
     for (int32_t c = 0; c < n; c += TERN_CUDA_CHUNK) {
         if (s->cancel.load()) {
@@ -462,5 +493,46 @@ extern "C" int32_t tern_cuda_forward(tern_cuda_session *s, const int32_t *tokens
         }
         s->n_past += len;
     }
+    return TERN_OK;
+}
+
+extern "C" int32_t tern_cuda_decode_top(tern_cuda_session *s, int32_t token, tern_cuda_top *out)
+{
+    if (!s || !out)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_top: NULL argument");
+    const tern_cuda_model *m = s->m;
+    if (s->n_past >= s->n_ctx)
+        return tern_fail(TERN_ERR_CONTEXT, "%d cached + 1 new token exceed the context of %d", s->n_past, s->n_ctx);
+    if (token < 0 || token >= m->hv.n_vocab)
+        return tern_fail(TERN_ERR_INVALID, "token id %d outside [0, %d)", token, m->hv.n_vocab);
+    s->top_logits_valid = false;
+    hv_embed_rows(&m->hv.embd, &token, 1, s->host_x);
+    *s->host_pos = s->n_past;
+    if (!s->persist_tried) { /* before the capture: it allocates */
+        s->persist_tried = true;
+        TRY(persist_init(s, &s->persist));
+    }
+    if (!s->top_tried) {
+        s->top_tried = true;
+        s->top_graph = capture_step(s, true);
+    }
+    if (s->top_graph)
+        CUDA_TRY(cudaGraphLaunch(s->top_graph, s->stream));
+    else
+        TRY(enqueue_top(s));
+    CUDA_TRY(cudaStreamSynchronize(s->stream));
+    memcpy(out, s->host_top, sizeof *out);
+    s->n_past += 1;
+    s->top_logits_valid = true;
+    return TERN_OK;
+}
+
+extern "C" int32_t tern_cuda_last_logits(tern_cuda_session *s, float *out)
+{
+    if (!s || !out)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_last_logits: NULL argument");
+    if (!s->top_logits_valid)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_last_logits: the session changed since its last decode_top");
+    CUDA_TRY(cudaMemcpy(out, s->logits, (size_t)s->m->hv.n_vocab * 4, cudaMemcpyDeviceToHost));
     return TERN_OK;
 }
