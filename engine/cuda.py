@@ -195,11 +195,12 @@ class CudaDecoder:
         _check(lib().tern_cuda_gemv_time(self._handle, GEMV_SHAPES[shape], reps, ctypes.byref(s), ctypes.byref(b)))
         return s.value, b.value
 
-    def decode_step_time(self, reps: int = 50) -> float:
+    def decode_step_time(self, reps: int = 50, top: bool = False) -> float:
         """Seconds of one decode step on the GPU alone (the captured graph replayed, without
-        the host's work and copies); needs a decoded token first."""
+        the host's work; top: forward_top's graph, its uploads and selection included); needs a
+        decoded token of that kind first."""
         s = ctypes.c_double()
-        _check(lib().tern_cuda_decode_time(self._live(), reps, ctypes.byref(s)))
+        _check(lib().tern_cuda_decode_time(self._live(), int(top), reps, ctypes.byref(s)))
         return s.value
 
     def close(self) -> None:

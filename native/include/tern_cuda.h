@@ -85,10 +85,11 @@ TERN_API int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, double 
 TERN_API int32_t tern_cuda_gemv_time(tern_cuda_model *model, int32_t which, int32_t reps,
                                      double *seconds, double *bytes);
 
-/* Seconds of one replay of the session's decode graph on the GPU alone (no host work, no
- * copies), median of reps; it rewrites the KV row at n_past, which the next forward writes
- * again, and n_past is unchanged. Needs a decoded token first (the graph is captured then). */
-TERN_API int32_t tern_cuda_decode_time(tern_cuda_session *session, int32_t reps, double *seconds);
+/* Seconds of one replay of the session's decode graph on the GPU alone (no host work), median
+ * of reps: top 0, tern_cuda_forward's (no copies), top 1, tern_cuda_decode_top's (its uploads and
+ * the selection included); it rewrites the KV row at n_past, which the next forward writes again,
+ * and n_past is unchanged. Needs a decoded token of that kind first (its graph is captured then). */
+TERN_API int32_t tern_cuda_decode_time(tern_cuda_session *session, int32_t top, int32_t reps, double *seconds);
 
 #ifdef __cplusplus
 }

@@ -36,7 +36,9 @@ struct tiles {
         for (int i = 0; i < 2; i++) {
             const int idx = tid + i * kThreads, row = idx / 8, c16 = idx % 8;
             const int64_t tok = t_base + row;
-            a[i] = tok < n ? __ldcg(reinterpret_cast<const uint4 *>(xq + tok * k + (int64_t)kb * BK + c16 * 16))
+            /* the read-only path, unlike the decode kernels (common.cuh): the norm of several
+             * tokens before this GEMM releases it only when its blocks exit */
+            a[i] = tok < n ? *reinterpret_cast<const uint4 *>(xq + tok * k + (int64_t)kb * BK + c16 * 16)
                            : make_uint4(0, 0, 0, 0);
         }
         if (T2) {
@@ -147,7 +149,7 @@ gemm_kernel(const uint8_t *__restrict__ w, int64_t rows, int64_t k, const int8_t
                     static_cast<int32_t *>(out)[tok * ldo + row] = v;
                     continue;
                 }
-                const float f = __fmul_rn(__fdiv_rn((float)v, __ldcg(&meta[tok].s)), scale[row]);
+                const float f = __fmul_rn(__fdiv_rn((float)v, meta[tok].s), scale[row]);
                 float *o = static_cast<float *>(out) + tok * ldo + row;
                 *o = epi == EPI_ADD ? __fadd_rn(*o, f) : f;
             }

@@ -33,14 +33,14 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t *p)
     return __ldcs(reinterpret_cast<const uint4 *>(p));
 }
 
-__device__ __forceinline__ void finish(int32_t acc, int64_t row, const act_meta *meta,
-                                       const float *scale, void *out, int epi)
+__device__ __forceinline__ void finish(int32_t acc, int64_t row, float act_scale, const float *scale, void *out,
+                                       int epi)
 {
     if (epi == EPI_RAW) {
         static_cast<int32_t *>(out)[row] = acc;
         return;
     }
-    const float v = __fmul_rn(__fdiv_rn((float)acc, __ldcg(&meta->s)), scale[row]);
+    const float v = __fmul_rn(__fdiv_rn((float)acc, act_scale), scale[row]);
     float *o = static_cast<float *>(out) + row;
     *o = epi == EPI_ADD ? __fadd_rn(*o, v) : v;
 }
@@ -69,6 +69,7 @@ gemv_i8_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
         }
     grid_wait();
     int4 xr[NCH];
+    const float act_scale = __ldcg(&meta->s); /* with the input: one round trip to L2 */
 #pragma unroll
     for (int c = 0; c < NCH; c++) {
         const int ch = lane + c * 32;
@@ -86,7 +87,7 @@ gemv_i8_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
         }
         acc = warp_sum(acc);
         if (lane == 0 && r0 + r < rows)
-            finish(acc, r0 + r, meta, scale, out, epi);
+            finish(acc, r0 + r, act_scale, scale, out, epi);
     }
 }
 

@@ -326,11 +326,13 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
     return TERN_OK;
 }
 
-extern "C" int32_t tern_cuda_decode_time(tern_cuda_session *s, int32_t reps, double *seconds)
+extern "C" int32_t tern_cuda_decode_time(tern_cuda_session *s, int32_t top, int32_t reps, double *seconds)
 {
     if (!s || reps < 1 || !seconds)
         return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: bad arguments");
-    if (!s->decode_graph)
-        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: no decode graph yet (decode one token first)");
-    return time_graph(s->decode_graph, s->stream, reps, seconds);
+    cudaGraphExec_t g = top ? s->top_graph : s->decode_graph;
+    if (!g)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: no %s graph yet (decode one token %s first)",
+                         top ? "decode_top" : "decode", top ? "with tern_cuda_decode_top" : "");
+    return time_graph(g, s->stream, reps, seconds);
 }
