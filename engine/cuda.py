@@ -115,6 +115,9 @@ class CudaDecoder:
         self.kernel = f"cuda-sm{major_minor}"
         self._handle = self._session = None
         self._top = _cuda.CudaTop()
+        n = min(self.n_vocab, _cuda.TOP_K)
+        self._top_ids = np.ctypeslib.as_array(self._top.ids)[:n]
+        self._top_logits = np.ctypeslib.as_array(self._top.logits)[:n]
         with NativeModel(model, lm_head) as host:
             handle = ctypes.c_void_p()
             _check(h.tern_cuda_model_create(host.handle, ctypes.byref(handle)))
@@ -164,10 +167,8 @@ class CudaDecoder:
         """forward([token]) with the best logits selected on the GPU: only those (2 kB) reach the
         host; .full() copies the whole vector while this step is the session's latest."""
         _check(lib().tern_cuda_decode_top(self._live(), int(token), ctypes.byref(self._top)))
-        n = min(self.n_vocab, _cuda.TOP_K)
-        ids = np.ctypeslib.as_array(self._top.ids)[:n].astype(np.int64)
-        logits = np.ctypeslib.as_array(self._top.logits)[:n].copy()
-        return TopLogits(ids, logits, int(self._top.exact), self.n_vocab, self._last_logits)
+        return TopLogits(self._top_ids.astype(np.int64), self._top_logits.copy(), int(self._top.exact), self.n_vocab,
+                         self._last_logits)
 
     def _last_logits(self) -> np.ndarray:
         out = np.empty(self.n_vocab, dtype=np.float32)
