@@ -62,7 +62,7 @@ typedef struct tern_cuda_top {
  * changes the session: tern_cuda_last_logits copies it. */
 TERN_API int32_t tern_cuda_decode_top(tern_cuda_session *session, int32_t token, tern_cuda_top *out);
 TERN_API int32_t tern_cuda_last_logits(tern_cuda_session *session, float *out_logits);
-/* Test entry: the GPU's selection over n host logits (vocabularies up to 2,097,152 tokens). */
+/* Test entry: the GPU's selection over n host logits (vocabularies up to 1,048,576 tokens). */
 TERN_API int32_t tern_cuda_top_test(const float *logits, int64_t n, tern_cuda_top *out);
 /* 1 once decode runs as a replayed CUDA graph (2: a graph of the persistent decode kernel), 0
  * before the first decode or without graphs. */

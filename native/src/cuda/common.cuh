@@ -236,7 +236,7 @@ int32_t launch_norm_stats(const float *x, const float *w, int64_t width, float *
 /* top.cu: the best TERN_CUDA_TOP_K of n_vocab logits into out (host-mapped memory may be
  * written directly); kept: TOP_LOGITS_SCRATCH_KEYS keys of device scratch, ticket: a zeroed int.
  * Vocabularies up to 1024 x TOP_LOGITS_SCRATCH_KEYS tokens. */
-#define TOP_LOGITS_SCRATCH_KEYS 2048
+#define TOP_LOGITS_SCRATCH_KEYS 1024
 int32_t launch_top_logits(const float *logits, int64_t n_vocab, uint64_t *kept, int *ticket, tern_cuda_top *out,
                           cudaStream_t st);
 

@@ -5,9 +5,9 @@
  *
  * Order: higher logit first, lower id first among equal logits (the CPU sampler's order). Each
  * logit and its id form one 64-bit key whose unsigned order is that order, so selection is a
- * sort of keys. A block sorts 1024 keys and keeps its best L; the last block to finish sorts
- * the kept keys of all blocks (2048 at most) and writes the best TERN_CUDA_TOP_K. The result is exact up to the
- * first position where a block could have hidden a key: every key a block dropped ranks after
+ * sort of keys. A block sorts 1024 keys and keeps its best L (8 for a 128k vocabulary); the
+ * last block to finish sorts the kept keys of all blocks (1024 at most) and writes the best
+ * TERN_CUDA_TOP_K. The result is exact up to the first position where a block could have hidden a key: every key a block dropped ranks after
  * that block's L-th key, so the prefix of candidates up to the best-ranked L-th key among the
  * blocks that dropped keys is the vocabulary's exact best (`exact`). */
 #include "common.cuh"
@@ -16,7 +16,7 @@ namespace {
 
 constexpr int kBlock = 1024;       /* keys per block in the first pass, one per thread */
 constexpr int kMerge = TOP_LOGITS_SCRATCH_KEYS; /* keys the last block sorts: blocks x kept per block */
-static_assert(kMerge == 2 * kBlock, "the last block sorts two keys per thread");
+static_assert(kMerge == kBlock, "the last block sorts one key per thread");
 
 /* float -> unsigned whose order is the floats' order; NaN lowest, -0 as +0 */
 __device__ __forceinline__ uint32_t ordered(float f)
@@ -40,44 +40,29 @@ __device__ __forceinline__ uint64_t make_key(float v, int32_t id)
     return (uint64_t)ordered(v) << 32 | (uint32_t)~(uint32_t)id;
 }
 
-/* Sorts E x kBlock keys, best (largest) first: a bitonic network over element i = threadIdx.x +
- * e * kBlock held in k[e]. Partners closer than a warp exchange by shuffle, farther ones through
- * shared memory (two buffers used in turn: one barrier per such stage). buf: 2 x E x kBlock keys. */
-template <int E>
-__device__ void sort_desc(uint64_t (&k)[E], uint64_t *buf)
+/* Sorts kBlock keys, one per thread, best (largest) first: a bitonic network. Partners closer
+ * than a warp exchange by shuffle, farther ones through shared memory (two buffers used in turn:
+ * one barrier per such stage). buf: 2 x kBlock keys. */
+__device__ uint64_t sort_desc(uint64_t k, uint64_t *buf)
 {
-    static_assert(E == 1 || E == 2, "one or two keys per thread");
-    constexpr int n = E * kBlock;
+    const int i = threadIdx.x;
     int phase = 0;
-    for (int size = 2; size <= n; size <<= 1)
+    for (int size = 2; size <= kBlock; size <<= 1)
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            uint64_t other[E];
-            if (stride >= kBlock) { /* E == 2, stride == kBlock: this thread's other key */
-#pragma unroll
-                for (int e = 0; e < E; e++)
-                    other[e] = k[E - 1 - e];
-            } else if (stride >= 32) {
-                uint64_t *b = buf + phase * n;
+            uint64_t other;
+            if (stride >= 32) {
+                uint64_t *b = buf + phase * kBlock;
                 phase ^= 1;
-#pragma unroll
-                for (int e = 0; e < E; e++)
-                    b[threadIdx.x + e * kBlock] = k[e];
+                b[i] = k;
                 __syncthreads();
-#pragma unroll
-                for (int e = 0; e < E; e++)
-                    other[e] = b[(threadIdx.x + e * kBlock) ^ stride];
+                other = b[i ^ stride];
             } else {
-#pragma unroll
-                for (int e = 0; e < E; e++)
-                    other[e] = __shfl_xor_sync(0xffffffffu, k[e], stride);
+                other = __shfl_xor_sync(0xffffffffu, k, stride);
             }
-#pragma unroll
-            for (int e = 0; e < E; e++) {
-                const int i = threadIdx.x + e * kBlock;
-                const bool lower = (i & stride) == 0, desc = (i & size) == 0;
-                k[e] = lower == desc ? (k[e] > other[e] ? k[e] : other[e]) : (k[e] < other[e] ? k[e] : other[e]);
-            }
+            const bool lower = (i & stride) == 0, desc = (i & size) == 0;
+            k = lower == desc ? (k > other ? k : other) : (k < other ? k : other);
         }
+    return k;
 }
 
 /* grid: ceil(n / kBlock) blocks of kBlock threads; keep: keys each block passes on (a power of
@@ -86,15 +71,14 @@ __global__ void __launch_bounds__(kBlock) top_logits_kernel(const float *__restr
                                                             uint64_t *__restrict__ kept, int *__restrict__ ticket,
                                                             tern_cuda_top *__restrict__ out)
 {
-    __shared__ uint64_t buf[2 * kMerge];
+    __shared__ uint64_t buf[2 * kBlock];
     __shared__ unsigned long long bound;
     __shared__ int last;
     grid_wait(); /* the LM head's logits */
     const int32_t i = blockIdx.x * kBlock + threadIdx.x;
-    uint64_t k1[1] = {i < n ? make_key(__ldcg(logits + i), i) : 0u};
-    sort_desc<1>(k1, buf);
+    uint64_t key = sort_desc(i < n ? make_key(__ldcg(logits + i), i) : 0u, buf);
     if (threadIdx.x < keep)
-        kept[(size_t)blockIdx.x * keep + threadIdx.x] = k1[0];
+        kept[(size_t)blockIdx.x * keep + threadIdx.x] = key;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -108,25 +92,21 @@ __global__ void __launch_bounds__(kBlock) top_logits_kernel(const float *__restr
     /* every block's kept keys; the bound: the best-ranked last kept key of a block that dropped
      * keys (it held more than `keep`) */
     const int total = (int)gridDim.x * keep;
-    uint64_t k2[2];
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-        const int j = threadIdx.x + e * kBlock, b = j / keep;
-        k2[e] = j < total ? __ldcg(kept + j) : 0u;
-        if (j < total && j % keep == keep - 1 && n - b * kBlock > keep)
-            atomicMax(&bound, (unsigned long long)k2[e]);
-    }
-    sort_desc<2>(k2, buf);
+    const int j = threadIdx.x, b = j / keep;
+    key = j < total ? __ldcg(kept + j) : 0u;
+    if (j < total && j % keep == keep - 1 && n - b * kBlock > keep)
+        atomicMax(&bound, (unsigned long long)key);
+    key = sort_desc(key, buf);
     __syncthreads(); /* bound */
     const int cap = n < TERN_CUDA_TOP_K ? n : TERN_CUDA_TOP_K;
     const int have = cap < total ? cap : total;
     if (threadIdx.x < TERN_CUDA_TOP_K) {
-        const uint64_t key = threadIdx.x < have ? k2[0] : 0u;
-        out->ids[threadIdx.x] = key ? (int32_t)~(uint32_t)key : -1;
-        out->logits[threadIdx.x] = key ? from_ordered((uint32_t)(key >> 32)) : 0.0f;
+        const uint64_t best = threadIdx.x < have ? key : 0u;
+        out->ids[threadIdx.x] = best ? (int32_t)~(uint32_t)best : -1;
+        out->logits[threadIdx.x] = best ? from_ordered((uint32_t)(best >> 32)) : 0.0f;
     }
     /* exact: the candidates at or before the bound in the sorted order, i.e. those >= it */
-    const int exact = __syncthreads_count(threadIdx.x < have && k2[0] >= bound);
+    const int exact = __syncthreads_count(threadIdx.x < have && key >= bound);
     if (threadIdx.x == 0) {
         out->exact = exact;
         *ticket = 0; /* ready for the next launch */
