@@ -104,8 +104,8 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
         return {"engine": "tern cuda", "lm_head": lm_head, "kernel": dec.kernel, "decode": decode, "device": dec.device,
                 "load_s": load_s, f"ttft{PROMPT}_s": _summary(ttft, higher_is_better=False),
                 f"pp{PROMPT}_tps": _summary([PROMPT / s for s in ttft]), f"tg{tg}_tps": _summary(tg_tps),
-                f"tg{tg}_logits_tps": _summary(tg_logits_tps), "gpu_step_s": step, "gpu_top_step_s": top_step, "bytes_per_token": bpt,
-                "gemv": shapes}
+                f"tg{tg}_logits_tps": _summary(tg_logits_tps), "gpu_step_s": step, "gpu_top_step_s": top_step,
+                "bytes_per_token": bpt, "gemv": shapes}
     finally:
         dec.close()
 

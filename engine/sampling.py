@@ -121,8 +121,7 @@ class Sampler:
         if recent.size:
             at = np.minimum(np.searchsorted(recent, ids), recent.size - 1)
             hit = recent[at] == ids
-            logits = np.where(hit, np.where(logits <= 0, logits * p.repeat_penalty, logits / p.repeat_penalty),
-                              logits)
+            logits = np.where(hit, _penalized(logits, p.repeat_penalty), logits)
             order = np.lexsort((ids, -logits))  # best first again
             ids, logits = ids[order], logits[order]
             unpenalized = n - int(hit.sum())
@@ -154,6 +153,10 @@ def _recent_ids(history: Sequence[int], penalty: float, last_n: int) -> np.ndarr
     return np.unique(np.asarray(recent, dtype=np.int64))
 
 
+def _penalized(values: np.ndarray, penalty: float) -> np.ndarray:
+    return np.where(values <= 0, values * penalty, values / penalty)
+
+
 def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
     """llama.cpp's repetition penalty: each distinct id among the last `last_n` of `history`
     has its logit divided by `penalty` if positive, multiplied by it otherwise. Returns a copy."""
@@ -162,8 +165,7 @@ def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: fl
         return logits
     ids = ids[(ids >= 0) & (ids < logits.size)]
     out = logits.copy()
-    values = out[ids]
-    out[ids] = np.where(values <= 0, values * penalty, values / penalty)
+    out[ids] = _penalized(out[ids], penalty)
     return out
 
 

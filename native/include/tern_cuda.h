@@ -64,8 +64,8 @@ TERN_API int32_t tern_cuda_decode_top(tern_cuda_session *session, int32_t token,
 TERN_API int32_t tern_cuda_last_logits(tern_cuda_session *session, float *out_logits);
 /* Test entry: the GPU's selection over n host logits (vocabularies up to 1,048,576 tokens). */
 TERN_API int32_t tern_cuda_top_test(const float *logits, int64_t n, tern_cuda_top *out);
-/* 1 once decode runs as a replayed CUDA graph (2: a graph of the persistent decode kernel), 0
- * before the first decode or without graphs. */
+/* 1 once decode (tern_cuda_forward's or tern_cuda_decode_top's) runs as a replayed CUDA graph
+ * (2: a graph of the persistent decode kernel), 0 before the first decode or without graphs. */
 TERN_API int32_t tern_cuda_session_graph_active(const tern_cuda_session *session);
 
 /* Kernel test entry, the GPU twin of tern_kernel_test (op 0 gemv_t2, 1 gemm_t2, 2 gemv_i8,

@@ -382,7 +382,7 @@ extern "C" void tern_cuda_cancel(tern_cuda_session *s)
 
 extern "C" int32_t tern_cuda_session_graph_active(const tern_cuda_session *s)
 {
-    return s && s->decode_graph ? (s->persist ? 2 : 1) : 0;
+    return s && (s->decode_graph || s->top_graph) ? (s->persist ? 2 : 1) : 0;
 }
 
 static bool graphs_enabled(void)
