@@ -222,9 +222,11 @@ def format_report(report: dict, tg: int) -> str:
         if "kernel" not in e:
             continue
         logits = e[f"tg{tg}_logits_tps"]
-        lines.append(f"  tg{tg}  : {logits['median']:9.1f} / {logits['best']:9.1f} tok/s (every step's logits to the host)")
-        lines.append(f"  decode step on the GPU alone: {1e6 * e['gpu_step_s']:.1f} us = {1 / e['gpu_step_s']:.0f} tok/s; "
-                     f"with the uploads and the selection of the best logits {1e6 * e['gpu_top_step_s']:.1f} us")
+        lines.append(f"  tg{tg}  : {logits['median']:9.1f} / {logits['best']:9.1f} tok/s "
+                     "(every step's logits to the host)")
+        step, top_step = e["gpu_step_s"], e["gpu_top_step_s"]
+        lines.append(f"  decode step on the GPU alone: {1e6 * step:.1f} us = {1 / step:.0f} tok/s; "
+                     f"with the uploads and the selection of the best logits {1e6 * top_step:.1f} us")
         lines.append(f"  pp{PROMPT} : {e[f'pp{PROMPT}_tps']['median']:9.0f} / {e[f'pp{PROMPT}_tps']['best']:9.0f} tok/s")
         lines.append(f"  ttft  : {1e3 * e[f'ttft{PROMPT}_s']['median']:9.2f} / {1e3 * e[f'ttft{PROMPT}_s']['best']:9.2f} ms")
         lines.append(f"  decode: {e['decode_gbps']:.0f} GB/s = {100 * e['decode_bandwidth_fraction']:.0f}% of measured "

@@ -7,9 +7,10 @@
  * logit and its id form one 64-bit key whose unsigned order is that order, so selection is a
  * sort of keys. A block sorts 1024 keys and keeps its best L (8 for a 128k vocabulary); the
  * last block to finish sorts the kept keys of all blocks (1024 at most) and writes the best
- * TERN_CUDA_TOP_K. The result is exact up to the first position where a block could have hidden a key: every key a block dropped ranks after
- * that block's L-th key, so the prefix of candidates up to the best-ranked L-th key among the
- * blocks that dropped keys is the vocabulary's exact best (`exact`). */
+ * TERN_CUDA_TOP_K. The result is exact up to the first position where a block could have hidden
+ * a key: every key a block dropped ranks after that block's L-th key, so the prefix of
+ * candidates up to the best-ranked L-th key among the blocks that dropped keys is the
+ * vocabulary's exact best (`exact`). */
 #include "common.cuh"
 
 namespace {
