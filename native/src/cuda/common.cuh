@@ -50,9 +50,10 @@ struct dmat {
  * session's stream may start while its predecessor finishes, and does only read-only work
  * (weight loads) before grid_wait(), which returns once the predecessor's writes are visible.
  * What a predecessor wrote is then read with __ldcg (L2), never through the read-only cache
- * (ld.global.nc, which const __restrict__ pointers compile to): in the decode graph the int8 LM
- * head, reading its input that way, computed with stale values (relative error ~1 against
- * prefill, H100; sixth session, docs/CUDA.md). */
+ * (ld.global.nc, which const __restrict__ pointers compile to): PTX allows .nc only for data that
+ * stays read-only for the kernel's whole lifetime, and a kernel launched early lives while its
+ * predecessor writes. The int8 LM head, reading its input that way in the decode graph, computed
+ * with stale values (relative error ~1 against prefill, H100; sixth session, docs/CUDA.md). */
 __device__ __forceinline__ void grid_wait()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
