@@ -332,7 +332,7 @@ extern "C" int32_t tern_cuda_decode_time(tern_cuda_session *s, int32_t top, int3
         return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: bad arguments");
     cudaGraphExec_t g = top ? s->top_graph : s->decode_graph;
     if (!g)
-        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: no %s graph yet (decode one token %s first)",
-                         top ? "decode_top" : "decode", top ? "with tern_cuda_decode_top" : "");
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: no %s graph yet (decode one token with %s first)",
+                         top ? "decode_top" : "decode", top ? "tern_cuda_decode_top" : "tern_cuda_forward");
     return time_graph(g, s->stream, reps, seconds);
 }

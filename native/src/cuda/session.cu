@@ -400,6 +400,19 @@ static int32_t enqueue_uploads(tern_cuda_session *s, int32_t n)
     return TERN_OK;
 }
 
+/* The host's part of a step before its launches: the embedding rows and position into the pinned
+ * buffers, and for one token the persistent kernel's state once (before any capture: it allocates). */
+static int32_t prepare_step(tern_cuda_session *s, const int32_t *tokens, int32_t n)
+{
+    hv_embed_rows(&s->m->hv.embd, tokens, n, s->host_x);
+    *s->host_pos = s->n_past;
+    if (n == 1 && !s->persist_tried) {
+        s->persist_tried = true;
+        TRY(persist_init(s, &s->persist));
+    }
+    return TERN_OK;
+}
+
 /* decode_top's step: the uploads, the decoder with its LM head in one piece (no range copies to
  * overlap), the selection written to host-mapped memory. */
 static int32_t enqueue_top(tern_cuda_session *s)
@@ -431,15 +444,9 @@ static cudaGraphExec_t capture_step(tern_cuda_session *s, bool top)
 
 static int32_t forward_chunk(tern_cuda_session *s, const int32_t *tokens, int32_t n, float *logits, bool all)
 {
-    const tern_cuda_model *m = s->m;
-    const int64_t V = m->hv.n_vocab;
-    hv_embed_rows(&m->hv.embd, tokens, n, s->host_x);
-    *s->host_pos = s->n_past;
+    const int64_t V = s->m->hv.n_vocab;
+    TRY(prepare_step(s, tokens, n));
     TRY(enqueue_uploads(s, n));
-    if (n == 1 && !s->persist_tried) { /* before the capture: it allocates */
-        s->persist_tried = true;
-        TRY(persist_init(s, &s->persist));
-    }
     if (n == 1 && logits && !s->graph_tried) {
         s->graph_tried = true;
         s->decode_graph = capture_step(s, false);
@@ -506,12 +513,7 @@ extern "C" int32_t tern_cuda_decode_top(tern_cuda_session *s, int32_t token, ter
     if (token < 0 || token >= m->hv.n_vocab)
         return tern_fail(TERN_ERR_INVALID, "token id %d outside [0, %d)", token, m->hv.n_vocab);
     s->top_logits_valid = false;
-    hv_embed_rows(&m->hv.embd, &token, 1, s->host_x);
-    *s->host_pos = s->n_past;
-    if (!s->persist_tried) { /* before the capture: it allocates */
-        s->persist_tried = true;
-        TRY(persist_init(s, &s->persist));
-    }
+    TRY(prepare_step(s, &token, 1));
     if (!s->top_tried) {
         s->top_tried = true;
         s->top_graph = capture_step(s, true);
