@@ -178,14 +178,14 @@ def _hf_tokenizer_metadata(tokenizer_dir: Path) -> dict:
     return gguf_metadata_from_hf_tokenizer(tokenizer_dir)
 
 
-def make_test_model(out, fmt: str, shape: str = "tiny", seed: int = 1, tokenizer_dir=None,
+def make_test_model(out, fmt: str, shape: str | Shape = "tiny", seed: int = 1, tokenizer_dir=None,
                     embedding_type: str = "f16") -> Path:
-    """Write a random-weight BitNet GGUF; returns its path."""
+    """Write a random-weight BitNet GGUF (`shape`: a name in SHAPES or a Shape); returns its path."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} not in {sorted(FORMATS)}")
     if embedding_type not in EMBEDDING_FORMATS:
         raise ValueError(f"embedding type {embedding_type!r} not in {sorted(EMBEDDING_FORMATS)}")
-    dims = SHAPES[shape]
+    dims = shape if isinstance(shape, Shape) else SHAPES[shape]
     tok_dir = Path(tokenizer_dir).resolve() if tokenizer_dir is not None else None
     tok_md = _hf_tokenizer_metadata(tok_dir) if tok_dir is not None else gguf_metadata_byte_vocab()
     n_vocab = len(tok_md["tokenizer.ggml.tokens"])

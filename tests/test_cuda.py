@@ -215,6 +215,26 @@ def test_long_context_decode_attention_equals_prefill(byte_model, kv):
 
 
 @gpu
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+@pytest.mark.parametrize("n_embd,n_head,n_head_kv", [(512, 16, 1), (512, 2, 2), (1024, 8, 1)],
+                         ids=["hd32-group16", "hd256-group1", "hd128-group8"])
+def test_decode_attention_shapes_equal_prefill(tmp_path, kv, n_embd, n_head, n_head_kv):
+    """The decode attention's head dims (32, 64, 128, 256) and group sizes (1-16 q heads per KV
+    head; with an f16 cache the tensor-core tile takes 8 heads per block of columns) against the
+    prefill attention over the same tokens."""
+    from engine.testmodel import Shape, make_test_model
+
+    shape = Shape(n_embd=n_embd, n_ff=256, n_layer=1, n_head=n_head, n_head_kv=n_head_kv, n_ctx=256)
+    path = make_test_model(tmp_path / "m.gguf", "i2_s", shape, seed=3)
+    ids = teacher_ids(259, 150)
+    with _cuda_decoder(path, 256, lm_head="f16", kv_type=kv) as dec:
+        full = dec.forward(ids, all_logits=True)[-6:]
+        dec.truncate(len(ids) - 6)
+        steps = np.stack([dec.forward([int(t)]) for t in ids[-6:]])
+    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-5 * float(np.abs(full).max()))
+
+
+@gpu
 @pytest.mark.parametrize("fmt,kv", [("i2_s", "f32"), ("tq2_0", "f16")])
 def test_fused_norm_decode_matches_separate_norms(byte_model, monkeypatch, fmt, kv):
     """Decode with the norm statistics carried by the producing kernels (the default) against

@@ -1,10 +1,17 @@
 /* Decode attention (one new token) over the KV cache: a block per (KV group, split) takes tiles
  * of 64 positions, copies each tile's K and V rows into shared memory with cp.async (every load
  * of the tile in flight at once; the rows cached by earlier steps before griddepcontrol.wait,
- * while the q|k|v GEMV still runs), computes the scores of every q head of the group with the dot
- * products split over the block's warps, one warp per head for the softmax, and P.V with each
- * thread owning two output dims; the last block of a group to finish merges the splits in split
- * order (deterministic), and in the fused-norm decode also writes the attn_sub_norm statistics.
+ * while the q|k|v GEMV still runs), computes the scores of every q head of the group, one warp
+ * per head for the softmax, then P.V; the last block of a group to finish merges the splits in
+ * split order (deterministic), and in the fused-norm decode also writes the attn_sub_norm
+ * statistics.
+ *
+ * With an f16 cache the scores and P.V run on the tensor cores (mma m16n8k16, f32 accumulate):
+ * K and V are f16 already, and q and P enter as two f16 terms each (hi + lo, 22 bits of
+ * mantissa; q scaled by a power of two so its largest value cannot overflow f16), so the
+ * products carry the f32 operands' precision. The scalar version of the same tile (kept for the
+ * f32 cache) ran ~800 dependent instructions per warp and took ~3.3 us of the ~8 us a layer's
+ * attention cost in the decode step.
  *
  * Decode attention is latency-bound (a few hundred kB of cache per layer): what counts is how
  * many dependent instructions one warp runs and how many memory round trips are serial. The
@@ -25,15 +32,14 @@ constexpr int kMergeBatch = 16; /* splits whose partials are loaded together in 
 template <int HD, typename KV>
 struct tile_shape {
     static constexpr int RB = HD * (int)sizeof(KV); /* bytes of one cached row */
-    static constexpr int KS = RB + 16;              /* padded K rows: threads reading rows side by
-                                                       side hit different banks */
+    static constexpr int KS = RB + 16;              /* padded K and V rows: threads reading rows
+                                                       side by side hit different banks */
     static constexpr int EPC = 16 / (int)sizeof(KV); /* values per 16-byte chunk */
     static constexpr int PAIRS = kMaxGroup * HD / 2 / kThreads; /* output pairs per thread, at most */
     static constexpr size_t smem(int gs)
     {
-        const int parts = gs < kWarps ? kWarps : gs;
-        return (size_t)kTile * KS + (size_t)kTile * RB + (size_t)gs * HD * 4 + (size_t)parts * kTile * 4 +
-               (size_t)gs * kTile * 4;
+        const int parts = 2 * gs < kWarps ? kWarps : 2 * gs; /* rows of partial scores */
+        return (size_t)2 * kTile * KS + (size_t)gs * HD * 4 + (size_t)parts * kTile * 4 + (size_t)gs * kTile * 4;
     }
 };
 
@@ -44,6 +50,50 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
 }
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+/* The tensor-core tile (f16 cache; mma.sync m16n8k16 needs sm_80). Fragment layouts as in the
+ * PTX ISA: lane = 4 g + t; A holds rows g and g + 8, columns 2t, 2t + 1 (+ 8); B holds rows 2t,
+ * 2t + 1 (+ 8) of column g; C holds rows g and g + 8, columns 2t and 2t + 1. */
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+constexpr bool kMmaArch = true;
+#else
+constexpr bool kMmaArch = false;
+#endif
+
+/* four 8x8 f16 matrices; lane l gives the address of row l % 8 of matrix l / 8 */
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void *row, bool trans)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+#endif
+}
+
+/* c += a . b (16x16 by 16x8, f16 in, f32 accumulate) */
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)
+{
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+/* two floats as f16 pairs hi + lo: hi + lo equals v to ~22 bits */
+__device__ __forceinline__ void split_half2(float2 v, unsigned &hi, unsigned &lo)
+{
+    const __half2 h = __float22half2_rn(v);
+    const float2 back = __half22float2(h);
+    const __half2 l = __float22half2_rn(make_float2(v.x - back.x, v.y - back.y));
+    hi = *reinterpret_cast<const unsigned *>(&h);
+    lo = *reinterpret_cast<const unsigned *>(&l);
+}
 
 /* 8 (f16) or 4 (f32) cached values of a 16-byte chunk as floats */
 __device__ __forceinline__ void chunk_floats(const uint4 &c, const __half *, float (&f)[8])
@@ -85,15 +135,19 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 {
     using S = tile_shape<HD, KV>;
     constexpr int RB = S::RB, KS = S::KS, EPC = S::EPC, CH = RB / 16, SUB = kTile / 32;
+    constexpr bool MMA = kMmaArch && sizeof(KV) == 2; /* the tensor-core tile (f16 cache) */
+    constexpr int MT = (HD / 16 + kWarps - 1) / kWarps; /* P.V: 16-dim row blocks per warp */
     extern __shared__ __align__(16) unsigned char sm[];
     const int gs = n_head / n_head_kv, grp = blockIdx.x, sp = blockIdx.y;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    /* the dot products of a tile: gs x kTile, each split in `parts` ranges of dims over the warps */
-    const int parts = gs >= kWarps ? 1 : (kWarps / gs < CH ? kWarps / gs : CH), dims = HD / parts;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int ngs = (gs + 7) / 8; /* 8-head column blocks of the tensor-core tile */
+    /* the dot products of a tile: gs x kTile, each split in `parts` ranges of dims over the warps
+       (the tensor-core tile: two halves of the dims) */
+    const int parts = MMA ? 2 : gs >= kWarps ? 1 : (kWarps / gs < CH ? kWarps / gs : CH), dims = HD / parts;
     unsigned char *ks = sm, *vs = sm + kTile * KS;
-    float *qs = reinterpret_cast<float *>(vs + kTile * RB); /* gs x HD */
+    float *qs = reinterpret_cast<float *>(vs + kTile * KS); /* gs x HD */
     float *scs = qs + gs * HD;                                /* gs * parts x kTile partial scores */
-    float *ps = scs + (gs > kWarps ? gs : kWarps) * kTile;   /* gs x kTile probabilities */
+    float *ps = scs + (2 * gs > kWarps ? 2 * gs : kWarps) * kTile; /* gs x kTile probabilities */
     __shared__ float mrun[kMaxGroup], lrun[kMaxGroup], corr[kMaxGroup];
     __shared__ float2 wred[kWarps];
     __shared__ int last;
@@ -103,8 +157,14 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             const int r = c / CH, j = c % CH;
             const int64_t at = (int64_t)(p0 + r) * kv_dim + (int64_t)grp * HD + j * EPC;
             cp_async16(ks + r * KS + j * 16, k_cache + at);
-            cp_async16(vs + r * RB + j * 16, v_cache + at);
+            cp_async16(vs + r * KS + j * 16, v_cache + at);
         }
+    };
+    /* the tensor-core P.V reads whole 16-row steps: V rows past the tile's end must be finite */
+    auto zero_tail = [&](int n) {
+        const int end = (n + 15) & ~15;
+        for (int c = threadIdx.x + n * CH; c < end * CH; c += kThreads)
+            *reinterpret_cast<uint4 *>(vs + (c / CH) * KS + (c % CH) * 16) = make_uint4(0, 0, 0, 0);
     };
 
     /* Before the wait: the position comes from the host copy ahead of the step, and the cached
@@ -119,6 +179,8 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     const int first_n = npos - sp * kTile < kTile ? npos - sp * kTile : kTile;
     const bool has_newest = sp * kTile + first_n == npos;
     fetch(sp * kTile, 0, has_newest ? first_n - 1 : first_n);
+    if (MMA)
+        zero_tail(first_n);
     float2 nwp[S::PAIRS]; /* the merge's norm weights */
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++) {
@@ -131,7 +193,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     if (has_newest)
         fetch(sp * kTile, first_n - 1, first_n);
     const float *q = qkv + (int64_t)grp * gs * HD; /* the group's q heads are consecutive */
-    for (int i = threadIdx.x; i < gs * HD; i += kThreads)
+    for (int i = threadIdx.x; !MMA && i < gs * HD; i += kThreads)
         qs[i] = __ldcg(q + i);
     if (threadIdx.x < gs) {
         mrun[threadIdx.x] = -INFINITY;
@@ -143,15 +205,85 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++)
         acc[j] = make_float2(0.0f, 0.0f);
+    /* the tensor-core tile: q's B fragments (hi, lo; this warp's half of the dims, per 8-head
+       block), the power of two that scaled q, and the P.V accumulators (rows: dims
+       16 (warp + kWarps m) + g (+ 8); columns: heads 8 nb + 2t (+ 1)) */
+    constexpr int KH = HD / 32; /* 16-dim steps in half of the dims */
+    unsigned qf[2][KH][2][2];   /* [head block][step][b0, b1][hi, lo] */
+    float unscale = 1.0f;
+    if (MMA) { /* scaled by 2^e so that the warp's largest |q| is below 2^15, f16's limit */
+        float2 qv[2][KH][2];
+        float m = 0.0f;
+        const int half = warp >> 2;
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++)
+#pragma unroll
+            for (int k = 0; k < KH; k++)
+#pragma unroll
+                for (int b = 0; b < 2; b++) {
+                    const int h = 8 * nb + g, d = (half * KH + k) * 16 + 8 * b + 2 * t;
+                    qv[nb][k][b] = h < gs ? __ldcg(reinterpret_cast<const float2 *>(q + h * HD + d))
+                                          : make_float2(0.0f, 0.0f);
+                    m = fmaxf(m, fmaxf(fabsf(qv[nb][k][b].x), fabsf(qv[nb][k][b].y)));
+                }
+        for (int o = 16; o > 0; o >>= 1)
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        const int e = m > 0.0f && m < INFINITY ? 14 - ilogbf(m) : 0;
+        const int ec = e < -100 ? -100 : e > 100 ? 100 : e;
+        const float up = ldexpf(1.0f, ec);
+        unscale = ldexpf(1.0f, -ec);
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++)
+#pragma unroll
+            for (int k = 0; k < KH; k++)
+#pragma unroll
+                for (int b = 0; b < 2; b++)
+                    split_half2(make_float2(qv[nb][k][b].x * up, qv[nb][k][b].y * up), qf[nb][k][b][0], qf[nb][k][b][1]);
+    }
+    float pv[MT][2][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                pv[m][nb][i] = 0.0f;
 
     for (int tile = sp; tile < ntiles; tile += nsplit) {
         const int p0 = tile * kTile, n = npos - p0 < kTile ? npos - p0 : kTile;
         if (tile != sp)
             fetch(p0, 0, n);
+        if (MMA && tile != sp)
+            zero_tail(n);
         cp_async_wait_all();
         __syncthreads(); /* the tile and (first tile) q, mrun, lrun are in shared memory */
+        if (MMA) {
+            /* partial scores on the tensor cores: warp -> 16 positions (warp % 4) x half of the
+               dims (warp / 4), per 8-head block; A = K rows, B = q */
+            const int r0 = (warp & 3) * 16, half = warp >> 2;
+            if (r0 < n) {
+#pragma unroll
+                for (int nb = 0; nb < 2 && nb < ngs; nb++) {
+                    float c[2][4] = {}; /* q's hi and lo terms: two independent chains */
+#pragma unroll
+                    for (int k = 0; k < KH; k++) {
+                        unsigned a[4];
+                        const int d = (half * KH + k) * 16 + ((lane >> 4) << 3);
+                        ldmatrix_x4(a, ks + (r0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * KS + d * 2, false);
+                        mma_16816(c[0], a, qf[nb][k][0][0], qf[nb][k][1][0]);
+                        mma_16816(c[1], a, qf[nb][k][0][1], qf[nb][k][1][1]);
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const int h = 8 * nb + 2 * t + (i & 1), r = r0 + g + ((i >> 1) << 3);
+                        if (h < gs)
+                            scs[(h * 2 + half) * kTile + r] = (c[0][i] + c[1][i]) * unscale;
+                    }
+                }
+            }
+        }
         /* partial scores: warp -> (head, range of dims), lane -> positions lane + 32 i */
-        for (int c = warp; c < gs * parts; c += kWarps) {
+        for (int c = warp; !MMA && c < gs * parts; c += kWarps) {
             const int h = c / parts, d0 = (c % parts) * dims;
             float dot[SUB];
             const unsigned char *krow[SUB];
@@ -214,9 +346,45 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             }
         }
         __syncthreads();
+        if (MMA) {
+            /* P.V on the tensor cores: warp -> 16-dim row blocks warp + kWarps m of V^T (A, from
+               the V rows transposed by ldmatrix), B = P (hi, lo) per 8-head block */
+            const int steps = (n + 15) >> 4;
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                const int d0 = (warp + kWarps * m) * 16;
+                if (d0 >= HD)
+                    break;
+#pragma unroll
+                for (int nb = 0; nb < 2 && nb < ngs; nb++) {
+                    float c[2][4] = {}; /* P's hi and lo terms: two independent chains */
+                    const int h = 8 * nb + g;
+                    for (int k = 0; k < steps; k++) {
+                        unsigned a[4], b[2][2];
+                        const int r = k * 16 + (lane & 7) + ((lane >> 4) << 3);
+                        ldmatrix_x4(a, vs + r * KS + (d0 + (((lane >> 3) & 1) << 3)) * 2, true);
+#pragma unroll
+                        for (int j = 0; j < 2; j++) {
+                            const float2 p = h < gs ? *reinterpret_cast<const float2 *>(ps + h * kTile + k * 16 + 8 * j + 2 * t)
+                                                    : make_float2(0.0f, 0.0f);
+                            split_half2(p, b[j][0], b[j][1]);
+                        }
+                        mma_16816(c[0], a, b[0][0], b[1][0]);
+                        mma_16816(c[1], a, b[0][1], b[1][1]);
+                    }
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const int hc = 8 * nb + 2 * t + (i & 1);
+                        pv[m][nb][i] = pv[m][nb][i] * (hc < gs ? corr[hc] : 0.0f) + (c[0][i] + c[1][i]);
+                    }
+                }
+            }
+        }
         /* P.V: thread pairs over the tile's positions */
 #pragma unroll
         for (int j = 0; j < S::PAIRS; j++) {
+            if (MMA)
+                break;
             const int o = threadIdx.x + kThreads * j;
             if (o >= npairs)
                 break;
@@ -228,7 +396,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 #pragma unroll 8
             for (int r = 0; r < n; r++) {
                 const float p = ph[r];
-                const float2 v = pair_floats(vcol + r * RB, (const KV *)nullptr);
+                const float2 v = pair_floats(vcol + r * KS, (const KV *)nullptr);
                 a.x = fmaf(p, v.x, a.x);
                 a.y = fmaf(p, v.y, a.y);
             }
@@ -247,8 +415,24 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++) {
         const int o = threadIdx.x + kThreads * j;
-        if (o < npairs)
+        if (!MMA && o < npairs)
             reinterpret_cast<float2 *>(mine + ml)[o] = acc[j];
+    }
+    if (MMA) {
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const int d0 = (warp + kWarps * m) * 16;
+            if (d0 >= HD)
+                break;
+#pragma unroll
+            for (int nb = 0; nb < 2 && nb < ngs; nb++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int h = 8 * nb + 2 * t + (i & 1);
+                    if (h < gs)
+                        mine[ml + h * HD + d0 + g + ((i >> 1) << 3)] = pv[m][nb][i];
+                }
+        }
     }
     /* the last block of this group merges every split */
     __threadfence();
@@ -278,15 +462,23 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
                     pm[b] = __ldcg(reinterpret_cast<const float2 *>(src) + h);
                     ov[b] = __ldcg(reinterpret_cast<const float2 *>(src + ml) + o);
                 }
+            /* the batch's maximum first: its scale factors are then independent */
+            float mn = M;
+#pragma unroll
+            for (int b = 0; b < kMergeBatch; b++)
+                if (s0 + b < nsplit)
+                    mn = fmaxf(mn, pm[b].x);
+            const float cold = expf(M - mn);
+            L *= cold;
+            a = make_float2(a.x * cold, a.y * cold);
 #pragma unroll
             for (int b = 0; b < kMergeBatch; b++)
                 if (s0 + b < nsplit) {
-                    const float mn = fmaxf(M, pm[b].x);
-                    const float cold = expf(M - mn), cnew = expf(pm[b].x - mn);
-                    L = L * cold + pm[b].y * cnew;
-                    a = make_float2(a.x * cold + ov[b].x * cnew, a.y * cold + ov[b].y * cnew);
-                    M = mn;
+                    const float cnew = expf(pm[b].x - mn);
+                    L += pm[b].y * cnew;
+                    a = make_float2(a.x + ov[b].x * cnew, a.y + ov[b].y * cnew);
                 }
+            M = mn;
         }
         const int64_t at = (int64_t)grp * gs * HD + 2 * o; /* the group's heads are consecutive */
         const float v[2] = {a.x / L, a.y / L};
