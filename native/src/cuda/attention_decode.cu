@@ -23,7 +23,8 @@
 
 namespace {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kThreads = 256, kWarps = kAttnStatParts;
+static_assert(kThreads == 32 * kWarps, "a statistics partial per warp");
 constexpr int kMaxGroup = kAttnMaxGroup;
 constexpr int kAttnMaxSplit = 32; /* splits per KV group at most (the partials buffer holds them) */
 constexpr int kTile = 64;      /* positions per tile: two per lane in the softmax */
@@ -148,8 +149,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     float *qs = reinterpret_cast<float *>(vs + kTile * KS); /* gs x HD */
     float *scs = qs + gs * HD;                                /* gs * parts x kTile partial scores */
     float *ps = scs + (2 * gs > kWarps ? 2 * gs : kWarps) * kTile; /* gs x kTile probabilities */
-    __shared__ float mrun[kMaxGroup], lrun[kMaxGroup], corr[kMaxGroup];
-    __shared__ float2 wred[kWarps];
+    __shared__ float mrun[kMaxGroup], corr[kMaxGroup];
     __shared__ int last;
     const int64_t kv_dim = (int64_t)n_head_kv * HD;
     auto fetch = [&](int p0, int from, int to) { /* rows [from, to) of the tile at p0 */
@@ -195,16 +195,21 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     const float *q = qkv + (int64_t)grp * gs * HD; /* the group's q heads are consecutive */
     for (int i = threadIdx.x; !MMA && i < gs * HD; i += kThreads)
         qs[i] = __ldcg(q + i);
-    if (threadIdx.x < gs) {
+    if (threadIdx.x < gs)
         mrun[threadIdx.x] = -INFINITY;
-        lrun[threadIdx.x] = 0.0f;
-    }
     /* this thread's output pairs: pair o = threadIdx.x + kThreads * j, head o / (HD / 2) */
     const int npairs = gs * HD / 2;
     float2 acc[S::PAIRS];
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++)
         acc[j] = make_float2(0.0f, 0.0f);
+    /* the softmax's sums per lane (heads warp, warp + kWarps): reduced over the warp once, after
+       the tiles, not in every tile between two barriers */
+    constexpr int HW = (kMaxGroup + kWarps - 1) / kWarps;
+    float lsum[HW];
+#pragma unroll
+    for (int i = 0; i < HW; i++)
+        lsum[i] = 0.0f;
     /* the tensor-core tile: q's B fragments (hi, lo; this warp's half of the dims, per 8-head
        block), the power of two that scaled q, and the P.V accumulators (rows: dims
        16 (warp + kWarps m) + g (+ 8); columns: heads 8 nb + 2t (+ 1)) */
@@ -256,7 +261,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         if (MMA && tile != sp)
             zero_tail(n);
         cp_async_wait_all();
-        __syncthreads(); /* the tile and (first tile) q, mrun, lrun are in shared memory */
+        __syncthreads(); /* the tile and (first tile) q and mrun are in shared memory */
         if (MMA) {
             /* partial scores on the tensor cores: warp -> 16 positions (warp % 4) x half of the
                dims (warp / 4), per 8-head block; A = K rows, B = q */
@@ -313,7 +318,11 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         }
         __syncthreads();
         /* softmax step: a warp per head, a lane per position */
-        for (int h = warp; h < gs; h += kWarps) {
+#pragma unroll
+        for (int hi = 0; hi < HW; hi++) {
+            const int h = warp + kWarps * hi;
+            if (h >= gs)
+                break;
             float sc[SUB], mt = -INFINITY;
 #pragma unroll
             for (int i = 0; i < SUB; i++) {
@@ -327,6 +336,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             for (int o = 16; o > 0; o >>= 1)
                 mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
             const float mn = fmaxf(mrun[h], mt); /* finite: a tile has a live position */
+            const float c = expf(mrun[h] - mn); /* 0 on the first tile */
             float sum = 0.0f;
 #pragma unroll
             for (int i = 0; i < SUB; i++) {
@@ -335,13 +345,10 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
                 ps[h * kTile + r] = pr;
                 sum += pr;
             }
-            for (int o = 16; o > 0; o >>= 1)
-                sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            __syncwarp();
+            lsum[hi] = lsum[hi] * c + sum;
+            __syncwarp(); /* every lane has read mrun[h] */
             if (lane == 0) {
-                const float c = expf(mrun[h] - mn); /* 0 on the first tile */
                 corr[h] = c;
-                lrun[h] = lrun[h] * c + sum;
                 mrun[h] = mn;
             }
         }
@@ -408,9 +415,18 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     const int ml = (2 * gs + 3) & ~3;               /* (m, l) pairs, padded: the outputs stay 16-byte aligned */
     const int64_t stride = ml + (int64_t)gs * HD; /* floats per (group, split) */
     float *mine = partial + ((int64_t)grp * gridDim.y + sp) * stride;
-    if (threadIdx.x < gs) {
-        mine[2 * threadIdx.x] = mrun[threadIdx.x];
-        mine[2 * threadIdx.x + 1] = lrun[threadIdx.x];
+#pragma unroll
+    for (int hi = 0; hi < HW; hi++) {
+        const int h = warp + kWarps * hi;
+        if (h >= gs)
+            break;
+        float l = lsum[hi];
+        for (int o = 16; o > 0; o >>= 1)
+            l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) {
+            mine[2 * h] = mrun[h];
+            mine[2 * h + 1] = l;
+        }
     }
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++) {
@@ -497,22 +513,14 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         counters[grp] = 0; /* ready for the next launch */
     if (!stats)
         return;
-    /* one partial per KV group, the warps summed in order */
+    /* one partial per warp of the merging block (kAttnStatParts per KV group): no barrier here,
+       the consumer sums partials anyway */
     for (int o = 16; o > 0; o >>= 1) {
         ss = __fadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     }
     if (lane == 0)
-        wred[warp] = make_float2(ss, mx);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float2 p = wred[0];
-        for (int w = 1; w < kWarps; w++) {
-            p.x = __fadd_rn(p.x, wred[w].x);
-            p.y = fmaxf(p.y, wred[w].y);
-        }
-        stats[grp] = p;
-    }
+        stats[grp * kWarps + warp] = make_float2(ss, mx);
 }
 
 template <int HD, typename KV>

@@ -214,6 +214,7 @@ int32_t launch_rope_store(float *qkv, int32_t n, int32_t n_head, int32_t n_head_
                           int32_t head_dim, const float *rope_cos, const float *rope_sin,
                           const int32_t *pos, void *k_cache, void *v_cache, bool kv_f32, cudaStream_t st);
 constexpr int kAttnMaxGroup = 16; /* q heads per KV head the attention kernels take */
+constexpr int kAttnStatParts = 8; /* fused-norm statistics partials per KV group (decode attention) */
 
 /* Causal attention of n query rows (in qkv) over the cache positions [0, *pos + t] (prefill;
  * decode has its own kernel, below). */

@@ -92,7 +92,7 @@ static int32_t enqueue_layer_decode_fused(tern_cuda_session *s, int32_t l, int32
     TRY(gemv(L->qkv, 0, (int)e, s->qkv, EPI_STORE, NULL));
     a.rope = 0;
     TRY(decode_attention(s, l, L->attn_sub_norm, s->nxw[1], s->nstats[1]));
-    *nparts = h->n_head_kv; /* one partial per KV group's merging block */
+    *nparts = h->n_head_kv * kAttnStatParts; /* per warp of each KV group's merging block */
     TRY(gemv(L->wo, 1, (int)e, s->x, EPI_ADD, L->ffn_norm));
     a.glu = 1; /* the epilogue writes act(gate) * up: n_ff floats */
     TRY(gemv(L->gate_up, 0, (int)e, s->h, EPI_STORE, L->ffn_sub_norm));
@@ -254,7 +254,7 @@ static int32_t session_alloc(tern_cuda_session *s)
      * at most one per block of the widest producer grid (wo/down: rows/8, gate|up: n_ff/8) or
      * one per KV group */
     if (e <= (size_t)kFusedNormMaxWidth && ff <= (size_t)kFusedNormMaxWidth) {
-        const size_t parts = width / 8 + 2 + (size_t)h->n_head_kv;
+        const size_t parts = width / 8 + 2 + (size_t)h->n_head_kv * kAttnStatParts;
         for (int b = 0; b < 2; b++) {
             CUDA_TRY(cudaMalloc((void **)&s->nxw[b], width * 4));
             CUDA_TRY(cudaMalloc((void **)&s->nstats[b], parts * sizeof(float2)));
