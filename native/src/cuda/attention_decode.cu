@@ -8,8 +8,8 @@
  *
  * With an f16 cache the scores and P.V run on the tensor cores (mma m16n8k16, f32 accumulate):
  * K and V are f16 already, and q and P enter as two f16 terms each (hi + lo, 22 bits of
- * mantissa; q scaled by a power of two so its largest value cannot overflow f16), so the
- * products carry the f32 operands' precision. The scalar version of the same tile (kept for the
+ * mantissa; each warp scales its q by a power of two so that the largest value cannot overflow
+ * f16), so the products carry the f32 operands' precision. The scalar version of the same tile (kept for the
  * f32 cache) ran ~800 dependent instructions per warp and took ~3.3 us of the ~8 us a layer's
  * attention cost in the decode step.
  *
@@ -125,23 +125,38 @@ __device__ __forceinline__ float2 pair_floats(const unsigned char *p, const floa
     return *reinterpret_cast<const float2 *>(p);
 }
 
-/* grid (n_head_kv, max splits), kThreads threads. partial per (group, split): gs (m, l) pairs
- * (padded to 4 floats), then gs x HD unnormalized outputs. */
-template <int HD, typename KV>
+/* grid (n_head_kv, max splits, token blocks), kThreads threads. A block takes tbt consecutive
+ * tokens (decode: 1) of a KV group: its columns are (token, q head) pairs, at most kMaxGroup.
+ * partial per (token block, group, split): (m, l) per column (padded to 4 floats), then the
+ * columns' unnormalized outputs. fresh (prefill): every cached row may come from the kernel
+ * before, so all are fetched after the wait. */
+template <int HD, typename KV, bool TILED>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv, const KV *__restrict__ k_cache,
                         const KV *__restrict__ v_cache, const int32_t *__restrict__ pos0, float scale,
                         float *__restrict__ partial, int *__restrict__ counters, float *__restrict__ out,
-                        const float *__restrict__ nw, float *__restrict__ xw, float2 *__restrict__ stats)
+                        const float *__restrict__ nw, float *__restrict__ xw, float2 *__restrict__ stats,
+                        int n_tok, int tbt, int64_t q_stride, int64_t o_stride, bool fresh)
 {
     using S = tile_shape<HD, KV>;
     constexpr int RB = S::RB, KS = S::KS, EPC = S::EPC, CH = RB / 16, SUB = kTile / 32;
     constexpr bool MMA = kMmaArch && sizeof(KV) == 2; /* the tensor-core tile (f16 cache) */
     constexpr int MT = (HD / 16 + kWarps - 1) / kWarps; /* P.V: 16-dim row blocks per warp */
     extern __shared__ __align__(16) unsigned char sm[];
-    const int gs = n_head / n_head_kv, grp = blockIdx.x, sp = blockIdx.y;
+    if (!TILED) { /* decode: constants, so its code has no token arithmetic */
+        n_tok = tbt = 1;
+        q_stride = o_stride = 0;
+        fresh = false;
+    }
+    const int hpg = n_head / n_head_kv, grp = blockIdx.x, sp = blockIdx.y, tb = TILED ? blockIdx.z : 0;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int ngs = (gs + 7) / 8; /* 8-head column blocks of the tensor-core tile */
+    const int t0 = tb * tbt, ntok = n_tok - t0 < tbt ? n_tok - t0 : tbt;
+    const int gs = ntok * hpg, cmax = tbt * hpg; /* this block's columns; the partials' layout */
+    const int ngs = (gs + 7) / 8; /* 8-column blocks of the tensor-core tile */
+    /* column c: token t0 + c / hpg, q head grp * hpg + c % hpg */
+    auto ctok = [&](int c) { return TILED ? c / hpg : 0; };
+    auto qcol = [&](int c) { return qkv + (t0 + ctok(c)) * q_stride + (int64_t)(grp * hpg + c - ctok(c) * hpg) * HD; };
+    auto ocol = [&](int c) { return (t0 + ctok(c)) * o_stride + (int64_t)(grp * hpg + c - ctok(c) * hpg) * HD; };
     /* the dot products of a tile: gs x kTile, each split in `parts` ranges of dims over the warps
        (the tensor-core tile: two halves of the dims) */
     const int parts = MMA ? 2 : gs >= kWarps ? 1 : (kWarps / gs < CH ? kWarps / gs : CH), dims = HD / parts;
@@ -170,7 +185,9 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     /* Before the wait: the position comes from the host copy ahead of the step, and the cached
      * rows before it from earlier steps; only the newest row (this step's q|k|v kernel) and q
      * depend on the previous kernel. */
-    const int npos = __ldcg(pos0) + 1, ntiles = (npos + kTile - 1) / kTile;
+    const int base = __ldcg(pos0) + t0; /* position of the block's first token */
+    const int npos = base + ntok, ntiles = (npos + kTile - 1) / kTile;
+    auto cpos = [&](int c) { return base + ctok(c) + 1; }; /* positions column c sees */
     const int nsplit = ntiles < (int)gridDim.y ? ntiles : (int)gridDim.y;
     if (sp >= nsplit) {
         grid_launch_dependents();
@@ -178,23 +195,25 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     }
     const int first_n = npos - sp * kTile < kTile ? npos - sp * kTile : kTile;
     const bool has_newest = sp * kTile + first_n == npos;
-    fetch(sp * kTile, 0, has_newest ? first_n - 1 : first_n);
+    if (!fresh)
+        fetch(sp * kTile, 0, has_newest ? first_n - 1 : first_n);
     if (MMA)
         zero_tail(first_n);
     float2 nwp[S::PAIRS]; /* the merge's norm weights */
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++) {
         const int o = threadIdx.x + kThreads * j;
-        nwp[j] = stats && o < gs * HD / 2 ? reinterpret_cast<const float2 *>(nw + (int64_t)grp * gs * HD)[o]
+        nwp[j] = stats && o < gs * HD / 2 ? reinterpret_cast<const float2 *>(nw + (int64_t)grp * hpg * HD)[o]
                                           : make_float2(0.0f, 0.0f);
     }
     grid_launch_dependents(); /* a small grid: the wo GEMV's blocks load their weights meanwhile */
     grid_wait();
-    if (has_newest)
+    if (fresh)
+        fetch(sp * kTile, 0, first_n);
+    else if (has_newest)
         fetch(sp * kTile, first_n - 1, first_n);
-    const float *q = qkv + (int64_t)grp * gs * HD; /* the group's q heads are consecutive */
     for (int i = threadIdx.x; !MMA && i < gs * HD; i += kThreads)
-        qs[i] = __ldcg(q + i);
+        qs[i] = __ldcg(qcol(i / HD) + i % HD);
     if (threadIdx.x < gs)
         mrun[threadIdx.x] = -INFINITY;
     /* this thread's output pairs: pair o = threadIdx.x + kThreads * j, head o / (HD / 2) */
@@ -227,7 +246,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 #pragma unroll
                 for (int b = 0; b < 2; b++) {
                     const int h = 8 * nb + g, d = (half * KH + k) * 16 + 8 * b + 2 * t;
-                    qv[nb][k][b] = h < gs ? __ldcg(reinterpret_cast<const float2 *>(q + h * HD + d))
+                    qv[nb][k][b] = h < gs ? __ldcg(reinterpret_cast<const float2 *>(qcol(h) + d))
                                           : make_float2(0.0f, 0.0f);
                     m = fmaxf(m, fmaxf(fabsf(qv[nb][k][b].x), fabsf(qv[nb][k][b].y)));
                 }
@@ -323,6 +342,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             const int h = warp + kWarps * hi;
             if (h >= gs)
                 break;
+            const int live = TILED ? cpos(h) - p0 : n; /* this column's live positions in the tile */
             float sc[SUB], mt = -INFINITY;
 #pragma unroll
             for (int i = 0; i < SUB; i++) {
@@ -330,18 +350,20 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
                 float v = 0.0f;
                 for (int p = 0; p < parts; p++)
                     v += scs[(h * parts + p) * kTile + r];
-                sc[i] = r < n ? v * scale : -INFINITY;
+                sc[i] = r < live ? v * scale : -INFINITY;
                 mt = fmaxf(mt, sc[i]);
             }
             for (int o = 16; o > 0; o >>= 1)
                 mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-            const float mn = fmaxf(mrun[h], mt); /* finite: a tile has a live position */
-            const float c = expf(mrun[h] - mn); /* 0 on the first tile */
+            /* -inf only while a prefill column has seen no live position (a later token's block
+               split: its earlier tokens end before this tile) */
+            const float mn = fmaxf(mrun[h], mt), mref = TILED && mn == -INFINITY ? 0.0f : mn;
+            const float c = expf(mrun[h] - mref); /* 0 on the first tile */
             float sum = 0.0f;
 #pragma unroll
             for (int i = 0; i < SUB; i++) {
                 const int r = lane + 32 * i;
-                const float pr = r < n ? expf(sc[i] - mn) : 0.0f;
+                const float pr = r < live ? expf(sc[i] - mref) : 0.0f;
                 ps[h * kTile + r] = pr;
                 sum += pr;
             }
@@ -412,9 +434,10 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         __syncthreads(); /* the next tile overwrites ks, vs, scs and ps */
     }
 
-    const int ml = (2 * gs + 3) & ~3;               /* (m, l) pairs, padded: the outputs stay 16-byte aligned */
-    const int64_t stride = ml + (int64_t)gs * HD; /* floats per (group, split) */
-    float *mine = partial + ((int64_t)grp * gridDim.y + sp) * stride;
+    const int ml = (2 * cmax + 3) & ~3;               /* (m, l) pairs, padded: the outputs stay 16-byte aligned */
+    const int64_t stride = ml + (int64_t)cmax * HD; /* floats per (token block, group, split) */
+    const int unit = tb * (int)gridDim.x + grp;     /* counter and partials of (token block, group) */
+    float *mine = partial + ((int64_t)unit * gridDim.y + sp) * stride;
 #pragma unroll
     for (int hi = 0; hi < HW; hi++) {
         const int h = warp + kWarps * hi;
@@ -454,12 +477,12 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
-        last = atomicAdd(counters + grp, 1) == nsplit - 1;
+        last = atomicAdd(counters + unit, 1) == nsplit - 1;
     __syncthreads();
     if (!last)
         return;
     __threadfence();
-    const float *base = partial + (int64_t)grp * gridDim.y * stride;
+    const float *parts_of = partial + (int64_t)unit * gridDim.y * stride;
     float ss = 0.0f, mx = 0.0f;
 #pragma unroll
     for (int j = 0; j < S::PAIRS; j++) {
@@ -474,7 +497,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 #pragma unroll
             for (int b = 0; b < kMergeBatch; b++)
                 if (s0 + b < nsplit) {
-                    const float *src = base + (s0 + b) * stride;
+                    const float *src = parts_of + (s0 + b) * stride;
                     pm[b] = __ldcg(reinterpret_cast<const float2 *>(src) + h);
                     ov[b] = __ldcg(reinterpret_cast<const float2 *>(src + ml) + o);
                 }
@@ -496,7 +519,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
                 }
             M = mn;
         }
-        const int64_t at = (int64_t)grp * gs * HD + 2 * o; /* the group's heads are consecutive */
+        const int64_t at = TILED ? ocol(h) + 2 * (o % (HD / 2)) : (int64_t)grp * hpg * HD + 2 * o;
         const float v[2] = {a.x / L, a.y / L};
 #pragma unroll
         for (int i = 0; i < 2; i++) {
@@ -510,7 +533,7 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         }
     }
     if (threadIdx.x == 0)
-        counters[grp] = 0; /* ready for the next launch */
+        counters[unit] = 0; /* ready for the next launch */
     if (!stats)
         return;
     /* one partial per warp of the merging block (kAttnStatParts per KV group): no barrier here,
@@ -523,19 +546,27 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         stats[grp * kWarps + warp] = make_float2(ss, mx);
 }
 
-template <int HD, typename KV>
-cudaError_t launch_hd(int gs, int n_head, int n_head_kv, int splits, cudaStream_t st, const float *qkv,
+/* launch geometry: tokens, tokens per block, token blocks, splits; q and output row strides */
+struct att_grid {
+    int n_tok, tbt, ntb, splits;
+    int64_t q_stride, o_stride;
+    bool fresh;
+};
+
+template <int HD, typename KV, bool TILED>
+cudaError_t launch_hd(const att_grid &ag, int n_head, int n_head_kv, cudaStream_t st, const float *qkv,
                       const void *k_cache, const void *v_cache, const int32_t *pos, float scale, float *partial,
                       int *counters, float *out, const float *nw, float *xw, float2 *stats)
 {
-    auto kernel = attention_decode_kernel<HD, KV>;
-    const size_t smem = tile_shape<HD, KV>::smem(gs);
+    auto kernel = attention_decode_kernel<HD, KV, TILED>;
+    const size_t smem = tile_shape<HD, KV>::smem(ag.tbt * (n_head / n_head_kv));
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess)
         return e;
-    return launch_k_smem(kernel, dim3((unsigned)n_head_kv, (unsigned)splits), dim3(kThreads), smem, st, qkv, n_head,
-                         n_head_kv, static_cast<const KV *>(k_cache), static_cast<const KV *>(v_cache), pos, scale,
-                         partial, counters, out, nw, xw, stats);
+    return launch_k_smem(kernel, dim3((unsigned)n_head_kv, (unsigned)ag.splits, (unsigned)ag.ntb), dim3(kThreads),
+                         smem, st, qkv, n_head, n_head_kv, static_cast<const KV *>(k_cache),
+                         static_cast<const KV *>(v_cache), pos, scale, partial, counters, out, nw, xw, stats, ag.n_tok,
+                         ag.tbt, ag.q_stride, ag.o_stride, ag.fresh);
 }
 
 int32_t attention_decode_splits(int32_t n_ctx)
@@ -543,6 +574,36 @@ int32_t attention_decode_splits(int32_t n_ctx)
     const int32_t tiles = (n_ctx + kTile - 1) / kTile;
     return tiles < kAttnMaxSplit ? tiles : kAttnMaxSplit;
 }
+
+#define ATT_ARGS ag, n_head, n_head_kv, st, qkv, k_cache, v_cache, pos, scale, partial, counters, out, nw, xw, stats
+/* tiled (several tokens per block): the f16 cache only (the f32 prefill keeps its own kernel) */
+cudaError_t launch_any(int head_dim, bool kv_f32, const att_grid &ag, int n_head, int n_head_kv, cudaStream_t st,
+                       const float *qkv, const void *k_cache, const void *v_cache, const int32_t *pos, float *partial,
+                       int *counters, float *out, const float *nw, float *xw, float2 *stats)
+{
+    const float scale = (float)(1.0 / sqrt((double)head_dim));
+    const bool tiled = ag.tbt > 1 || ag.n_tok > 1;
+    if (tiled && kv_f32)
+        return cudaErrorInvalidValue;
+    switch (head_dim * (kv_f32 ? -1 : 1) * (tiled ? 1000 : 1)) {
+    case 32: return launch_hd<32, __half, false>(ATT_ARGS);
+    case 64: return launch_hd<64, __half, false>(ATT_ARGS);
+    case 128: return launch_hd<128, __half, false>(ATT_ARGS);
+    case 256: return launch_hd<256, __half, false>(ATT_ARGS);
+    case -32: return launch_hd<32, float, false>(ATT_ARGS);
+    case -64: return launch_hd<64, float, false>(ATT_ARGS);
+    case -128: return launch_hd<128, float, false>(ATT_ARGS);
+    case -256: return launch_hd<256, float, false>(ATT_ARGS);
+    case 32000: return launch_hd<32, __half, true>(ATT_ARGS);
+    case 64000: return launch_hd<64, __half, true>(ATT_ARGS);
+    case 128000: return launch_hd<128, __half, true>(ATT_ARGS);
+    case 256000: return launch_hd<256, __half, true>(ATT_ARGS);
+    default: return cudaErrorInvalidValue;
+    }
+}
+#undef ATT_ARGS
+
+bool head_dim_ok(int32_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256; }
 
 } // namespace
 
@@ -555,24 +616,45 @@ int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda decode attention: %d heads over %d KV heads", n_head, n_head_kv);
     if (stats && (!nw || !xw))
         return tern_fail(TERN_ERR_INVALID, "cuda decode attention: statistics without their buffers");
-    const int gs = n_head / n_head_kv, splits = attention_decode_splits(n_ctx);
-    const float scale = (float)(1.0 / sqrt((double)head_dim));
-#define ARGS gs, n_head, n_head_kv, splits, st, qkv, k_cache, v_cache, pos, scale, partial, counters, out, nw, xw, stats
-    cudaError_t err;
-    switch (head_dim * (kv_f32 ? -1 : 1)) {
-    case 32: err = launch_hd<32, __half>(ARGS); break;
-    case 64: err = launch_hd<64, __half>(ARGS); break;
-    case 128: err = launch_hd<128, __half>(ARGS); break;
-    case 256: err = launch_hd<256, __half>(ARGS); break;
-    case -32: err = launch_hd<32, float>(ARGS); break;
-    case -64: err = launch_hd<64, float>(ARGS); break;
-    case -128: err = launch_hd<128, float>(ARGS); break;
-    case -256: err = launch_hd<256, float>(ARGS); break;
-    default:
+    if (!head_dim_ok(head_dim))
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda decode attention: head_dim %d is not 32, 64, 128 or 256", head_dim);
-    }
-#undef ARGS
+    const att_grid ag = {1, 1, 1, attention_decode_splits(n_ctx), 0, 0, false};
+    const cudaError_t err = launch_any(head_dim, kv_f32, ag, n_head, n_head_kv, st, qkv, k_cache, v_cache, pos,
+                                       partial, counters, out, nw, xw, stats);
     if (err != cudaSuccess)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching decode attention: %s", cudaGetErrorString(err));
+    return TERN_OK;
+}
+
+int32_t launch_attention_tiled(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                               const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
+                               int32_t first_pos, float *partial, int64_t partial_floats, int *counters,
+                               int64_t n_counters, float *out, cudaStream_t st)
+{
+    if (n < 1 || kv_f32 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup ||
+        !head_dim_ok(head_dim))
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda tiled attention: %d tokens, %d heads over %d KV heads of %d%s",
+                         n, n_head, n_head_kv, head_dim, kv_f32 ? " (f32 cache)" : "");
+    const int hpg = n_head / n_head_kv, tbt = kMaxGroup / hpg, ntb = (n + tbt - 1) / tbt;
+    const int64_t cmax = (int64_t)tbt * hpg, stride = ((2 * cmax + 3) & ~3) + cmax * head_dim;
+    /* splits: every block at most kPrefillTiles tiles, blocks enough for two per SM (132-SM
+       H100), within the partials buffer */
+    constexpr int kPrefillTiles = 8, kWantBlocks = 264;
+    const int tiles = (first_pos + n + kTile - 1) / kTile, units = ntb * n_head_kv;
+    int splits = (tiles + kPrefillTiles - 1) / kPrefillTiles;
+    if (splits * units < kWantBlocks)
+        splits = (kWantBlocks + units - 1) / units;
+    const int64_t room = partial_floats / ((int64_t)units * stride);
+    splits = splits < tiles ? splits : tiles;
+    splits = splits < kAttnMaxSplit ? splits : kAttnMaxSplit;
+    splits = splits < room ? splits : (int)room;
+    if (splits < 1 || units > n_counters)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda tiled attention: %d tokens do not fit its buffers", n);
+    const int64_t e = (int64_t)n_head * head_dim;
+    const att_grid ag = {n, tbt, ntb, splits, e + 2 * (int64_t)n_head_kv * head_dim, e, true};
+    const cudaError_t err = launch_any(head_dim, kv_f32, ag, n_head, n_head_kv, st, qkv, k_cache, v_cache, pos,
+                                       partial, counters, out, NULL, NULL, NULL);
+    if (err != cudaSuccess)
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching tiled attention: %s", cudaGetErrorString(err));
     return TERN_OK;
 }

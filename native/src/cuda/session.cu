@@ -129,6 +129,13 @@ static int32_t enqueue_layer_decode(tern_cuda_session *s, int32_t l)
     return gemv(L->down, s->h, L->ffn_sub_norm, (int)ff, s->x, EPI_ADD);
 }
 
+/* floats of the attention partials (prefill: 8 splits per token and head) */
+static int64_t partial_floats(const tern_cuda_session *s)
+{
+    const hv_model *h = &s->m->hv;
+    return (int64_t)TERN_CUDA_PREFILL_SPLIT * TERN_CUDA_CHUNK * h->n_head * (h->head_dim + 2);
+}
+
 static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
 {
     const tern_cuda_model *m = s->m;
@@ -147,8 +154,13 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     TRY(matmul(L->qkv, true, s->xq, s->meta, n, s->qkv, m->qkv_dim, EPI_STORE, st));
     TRY(launch_rope_store(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->rope_cos, s->rope_sin, s->pos,
                           s->k_cache + cache_at, s->v_cache + cache_at, f32, st));
-    TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                         s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->counters, s->att, st));
+    if (f32) /* the f32 cache keeps the warp-per-head kernel (the tiled one's scalar tile is slower) */
+        TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                             s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->counters, s->att, st));
+    else
+        TRY(launch_attention_tiled(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
+                                   s->v_cache + cache_at, f32, s->pos, s->n_past, s->partial, partial_floats(s),
+                                   s->counters, (int64_t)TERN_CUDA_CHUNK * h->n_head, s->att, st));
     TRY(launch_norm_quant(s->att, e, L->attn_sub_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->wo, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st));
     TRY(launch_norm_quant(s->x, e, L->ffn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
@@ -228,7 +240,7 @@ static int32_t session_alloc(tern_cuda_session *s)
     const size_t T = TERN_CUDA_CHUNK, e = (size_t)h->n_embd, ff = (size_t)h->n_ff, half = (size_t)h->head_dim / 2;
     const size_t kv = (size_t)h->n_layer * (size_t)s->n_ctx * (size_t)m->kv_dim;
     const size_t width = e > ff ? e : ff;
-    const size_t partial = TERN_CUDA_PREFILL_SPLIT * T * (size_t)h->n_head * ((size_t)h->head_dim + 2);
+    const size_t partial = (size_t)partial_floats(s);
     struct { void **p; size_t bytes; } want[] = {
         {(void **)&s->k_cache, kv * s->kv_elem}, {(void **)&s->v_cache, kv * s->kv_elem},
         {(void **)&s->x, T * e * 4}, {(void **)&s->qkv, T * (size_t)m->qkv_dim * 4},
