@@ -4,7 +4,10 @@
  * while the q|k|v GEMV still runs), computes the scores of every q head of the group, one warp
  * per head for the softmax, then P.V; the last block of a group to finish merges the splits in
  * split order (deterministic), and in the fused-norm decode also writes the attn_sub_norm
- * statistics.
+ * statistics. The same kernel, TILED, runs the prefill's attention with an f16 cache: a block
+ * takes several consecutive tokens of a KV group (its columns are (token, q head) pairs, causal
+ * per column), so each tile of the cache it copies serves them all (H100, 512-token prompt: time
+ * to first token 16.5-17.8 ms against 19.2-20.0 with a warp per q head and token).
  *
  * With an f16 cache the scores and P.V run on the tensor cores (mma m16n8k16, f32 accumulate):
  * K and V are f16 already, and q and P enter as two f16 terms each (hi + lo, 22 bits of
