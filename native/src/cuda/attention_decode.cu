@@ -185,9 +185,9 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             *reinterpret_cast<uint4 *>(vs + (c / CH) * KS + (c % CH) * 16) = make_uint4(0, 0, 0, 0);
     };
 
-    /* Before the wait: the position comes from the host copy ahead of the step, and the cached
-     * rows before it from earlier steps; only the newest row (this step's q|k|v kernel) and q
-     * depend on the previous kernel. */
+    /* Before the wait (decode): the position comes from the host copy ahead of the step, and the
+     * cached rows before it from earlier steps; only the newest row (this step's q|k|v kernel) and
+     * q depend on the previous kernel. Prefill (fresh) fetches every row after the wait. */
     const int base = __ldcg(pos0) + t0; /* position of the block's first token */
     const int npos = base + ntok, ntiles = (npos + kTile - 1) / kTile;
     auto cpos = [&](int c) { return base + ctok(c) + 1; }; /* positions column c sees */
