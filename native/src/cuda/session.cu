@@ -154,7 +154,7 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     TRY(matmul(L->qkv, true, s->xq, s->meta, n, s->qkv, m->qkv_dim, EPI_STORE, st));
     TRY(launch_rope_store(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->rope_cos, s->rope_sin, s->pos,
                           s->k_cache + cache_at, s->v_cache + cache_at, f32, st));
-    if (f32) /* the f32 cache keeps the warp-per-head kernel (the tiled one's scalar tile is slower) */
+    if (f32) /* the tiled kernel is built for the f16 cache (its tensor-core tile) only */
         TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
                              s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->counters, s->att, st));
     else
@@ -264,7 +264,7 @@ static int32_t session_alloc(tern_cuda_session *s)
     CUDA_TRY(cudaHostGetDevicePointer((void **)&s->dev_top, s->host_top, 0));
     /* fused-norm decode where every normalized width fits the GEMV's shared memory; partials:
      * at most one per block of the widest producer grid (wo/down: rows/8, gate|up: n_ff/8) or
-     * one per KV group */
+     * kAttnStatParts per KV group */
     if (e <= (size_t)kFusedNormMaxWidth && ff <= (size_t)kFusedNormMaxWidth) {
         const size_t parts = width / 8 + 2 + (size_t)h->n_head_kv * kAttnStatParts;
         for (int b = 0; b < 2; b++) {
