@@ -275,6 +275,19 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 pv[m][nb][i] = 0.0f;
+    /* body(m, d0, nb) for each of this warp's P.V blocks: 16-dim row block d0 = 16 (warp + kWarps m)
+       of V^T, 8-head column block nb (the P.V itself and the partial's write) */
+    auto pv_blocks = [&](auto body) {
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const int d0 = (warp + kWarps * m) * 16;
+            if (d0 >= HD)
+                break;
+#pragma unroll
+            for (int nb = 0; nb < 2 && nb < ngs; nb++)
+                body(m, d0, nb);
+        }
+    };
 
     for (int tile = sp; tile < ntiles; tile += nsplit) {
         const int p0 = tile * kTile, n = npos - p0 < kTile ? npos - p0 : kTile;
@@ -382,35 +395,28 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             /* P.V on the tensor cores: warp -> 16-dim row blocks warp + kWarps m of V^T (A, from
                the V rows transposed by ldmatrix), B = P (hi, lo) per 8-head block */
             const int steps = (n + 15) >> 4;
+            pv_blocks([&](int m, int d0, int nb) {
+                float c[2][4] = {}; /* P's hi and lo terms: two independent chains */
+                const int h = 8 * nb + g;
+                for (int k = 0; k < steps; k++) {
+                    unsigned a[4], b[2][2];
+                    const int r = k * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    ldmatrix_x4(a, vs + r * KS + (d0 + (((lane >> 3) & 1) << 3)) * 2, true);
 #pragma unroll
-            for (int m = 0; m < MT; m++) {
-                const int d0 = (warp + kWarps * m) * 16;
-                if (d0 >= HD)
-                    break;
-#pragma unroll
-                for (int nb = 0; nb < 2 && nb < ngs; nb++) {
-                    float c[2][4] = {}; /* P's hi and lo terms: two independent chains */
-                    const int h = 8 * nb + g;
-                    for (int k = 0; k < steps; k++) {
-                        unsigned a[4], b[2][2];
-                        const int r = k * 16 + (lane & 7) + ((lane >> 4) << 3);
-                        ldmatrix_x4(a, vs + r * KS + (d0 + (((lane >> 3) & 1) << 3)) * 2, true);
-#pragma unroll
-                        for (int j = 0; j < 2; j++) {
-                            const float2 p = h < gs ? *reinterpret_cast<const float2 *>(ps + h * kTile + k * 16 + 8 * j + 2 * t)
-                                                    : make_float2(0.0f, 0.0f);
-                            split_half2(p, b[j][0], b[j][1]);
-                        }
-                        mma_16816(c[0], a, b[0][0], b[1][0]);
-                        mma_16816(c[1], a, b[0][1], b[1][1]);
+                    for (int j = 0; j < 2; j++) {
+                        const float2 p = h < gs ? *reinterpret_cast<const float2 *>(ps + h * kTile + k * 16 + 8 * j + 2 * t)
+                                                : make_float2(0.0f, 0.0f);
+                        split_half2(p, b[j][0], b[j][1]);
                     }
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const int hc = 8 * nb + 2 * t + (i & 1);
-                        pv[m][nb][i] = pv[m][nb][i] * (hc < gs ? corr[hc] : 0.0f) + (c[0][i] + c[1][i]);
-                    }
+                    mma_16816(c[0], a, b[0][0], b[1][0]);
+                    mma_16816(c[1], a, b[0][1], b[1][1]);
                 }
-            }
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int hc = 8 * nb + 2 * t + (i & 1);
+                    pv[m][nb][i] = pv[m][nb][i] * (hc < gs ? corr[hc] : 0.0f) + (c[0][i] + c[1][i]);
+                }
+            });
         }
         /* P.V: thread pairs over the tile's positions */
 #pragma unroll
@@ -460,22 +466,15 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
         if (!MMA && o < npairs)
             reinterpret_cast<float2 *>(mine + ml)[o] = acc[j];
     }
-    if (MMA) {
+    if (MMA)
+        pv_blocks([&](int m, int d0, int nb) {
 #pragma unroll
-        for (int m = 0; m < MT; m++) {
-            const int d0 = (warp + kWarps * m) * 16;
-            if (d0 >= HD)
-                break;
-#pragma unroll
-            for (int nb = 0; nb < 2 && nb < ngs; nb++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int h = 8 * nb + 2 * t + (i & 1);
-                    if (h < gs)
-                        mine[ml + h * HD + d0 + g + ((i >> 1) << 3)] = pv[m][nb][i];
-                }
-        }
-    }
+            for (int i = 0; i < 4; i++) {
+                const int h = 8 * nb + 2 * t + (i & 1);
+                if (h < gs)
+                    mine[ml + h * HD + d0 + g + ((i >> 1) << 3)] = pv[m][nb][i];
+            }
+        });
     /* the last block of this group merges every split */
     __threadfence();
     __syncthreads();
