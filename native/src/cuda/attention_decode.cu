@@ -476,14 +476,12 @@ attention_decode_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv
             }
         });
     /* the last block of this group merges every split */
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
-        last = atomicAdd(counters + unit, 1) == nsplit - 1;
+        last = arrive_acq_rel(counters + unit) == nsplit - 1;
     __syncthreads();
     if (!last)
         return;
-    __threadfence();
     const float *parts_of = partial + (int64_t)unit * gridDim.y * stride;
     float ss = 0.0f, mx = 0.0f;
 #pragma unroll

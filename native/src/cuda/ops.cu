@@ -175,14 +175,12 @@ attention_kernel(const float *__restrict__ qkv, int n_head, int n_head_kv,
     }
     /* the last block of this (token, group) merges every split of its heads */
     __shared__ int last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
-        last = atomicAdd(counters + t * n_head_kv + grp, 1) == nsplit - 1;
+        last = arrive_acq_rel(counters + t * n_head_kv + grp) == nsplit - 1;
     __syncthreads();
     if (!last)
         return;
-    __threadfence();
     __shared__ float wts[kMaxGroup][64];
     const float *src = partial + ((int64_t)t * n_head + h) * nsplit * (HD + 2);
     float M = -INFINITY;

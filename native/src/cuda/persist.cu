@@ -372,11 +372,8 @@ __device__ void attention(const persist_args &a, int layer, int pos, float *sm)
     }
     __shared__ int last;
     __syncthreads();
-    if (threadIdx.x == 0) { /* acq_rel: publishes this block's partials, and the last block sees all */
-        int old;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(a.counters + grp) : "memory");
-        last = old == ns - 1;
-    }
+    if (threadIdx.x == 0) /* publishes this block's partials, and the last block sees all */
+        last = arrive_acq_rel(a.counters + grp) == ns - 1;
     __syncthreads();
     if (!last)
         return;

@@ -80,16 +80,14 @@ __global__ void __launch_bounds__(kBlock) top_logits_kernel(const float *__restr
     uint64_t key = sort_desc(i < n ? make_key(__ldcg(logits + i), i) : 0u, buf);
     if (threadIdx.x < keep)
         kept[(size_t)blockIdx.x * keep + threadIdx.x] = key;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = atomicAdd(ticket, 1) == (int)gridDim.x - 1;
+        last = arrive_acq_rel(ticket) == (int)gridDim.x - 1;
         bound = 0u;
     }
     __syncthreads();
     if (!last)
         return;
-    __threadfence();
     /* every block's kept keys; the bound: the best-ranked last kept key of a block that dropped
      * keys (it held more than `keep`) */
     const int total = (int)gridDim.x * keep;
