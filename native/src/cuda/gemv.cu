@@ -12,7 +12,11 @@
 namespace {
 
 constexpr int kWarps = 4; /* warps per block */
-constexpr int kRows = 2;  /* rows per warp */
+
+/* Rows per warp of the int8 GEMV: 4 up to 5 chunks per lane (2B4T's LM head, 2,560 wide: 20
+ * chunks of 16 bytes in flight per lane; H100: 106.5 us, 99% of the measured bandwidth,
+ * against 115.7 us with 2 rows), 2 for wider rows (registers). */
+__host__ __device__ constexpr int rows_per_warp(int nch) { return nch <= 5 ? 4 : 2; }
 
 __device__ __forceinline__ int32_t warp_sum(int32_t v)
 {
@@ -52,6 +56,7 @@ gemv_i8_kernel(const uint8_t *__restrict__ w, int64_t rows, int32_t nchunks,
                const int8_t *__restrict__ xq, const act_meta *__restrict__ meta,
                const float *__restrict__ scale, void *out, int epi)
 {
+    constexpr int kRows = rows_per_warp(NCH);
     const int lane = threadIdx.x & 31;
     const int64_t r0 = ((int64_t)blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
     if (r0 >= rows)
@@ -168,7 +173,8 @@ int32_t launch_gemv_i8(const dmat &m, const int8_t *xq, const act_meta *meta, vo
     const int32_t per = chunks_per_lane(nchunks, "gemv_i8");
     if (per < 0)
         return -per;
-    const unsigned blocks = (unsigned)((m.rows + kWarps * kRows - 1) / (kWarps * kRows));
+    const int64_t per_block = kWarps * rows_per_warp(per);
+    const unsigned blocks = (unsigned)((m.rows + per_block - 1) / per_block);
     switch (per) {
         GEMV_CASE(gemv_i8_kernel, 1) GEMV_CASE(gemv_i8_kernel, 2) GEMV_CASE(gemv_i8_kernel, 3)
         GEMV_CASE(gemv_i8_kernel, 4) GEMV_CASE(gemv_i8_kernel, 5) GEMV_CASE(gemv_i8_kernel, 6)
