@@ -92,6 +92,17 @@ __device__ __forceinline__ int round_sat_s8(float x)
     return q;
 }
 
+/* One block's arrival at a counter, by one thread after a block barrier: the acq_rel atomic
+ * publishes every write the block made before the barrier (release is cumulative over the
+ * barrier), and the block that arrives last sees every earlier block's writes after the next
+ * barrier, without a fence by every thread. Returns the count before this arrival. */
+__device__ __forceinline__ int arrive_acq_rel(int *counter)
+{
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
+
 /* The GLU's gate activation, rounded step by step as the CPU's tern_relu2 / tern_silu. */
 __device__ __forceinline__ float act(float g, bool relu2)
 {
@@ -156,17 +167,6 @@ int32_t launch_gemv_float(const void *w, bool half_rows, int64_t rows, int64_t c
                           int32_t n, float *out, cudaStream_t st);
 
 /* gemv_fused.cu: the decode BitLinear of a quantized input with its epilogue fusions. */
-/* One block's arrival at a counter, by one thread after a block barrier: the acq_rel atomic
- * publishes every write the block made before the barrier (release is cumulative over the
- * barrier), and the block that arrives last sees every earlier block's writes after the next
- * barrier, without a fence by every thread. Returns the count before this arrival. */
-__device__ __forceinline__ int arrive_acq_rel(int *counter)
-{
-    int old;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
-    return old;
-}
-
 struct fused_gemv {
     const uint8_t *w;        /* T2 rows */
     int64_t rows;

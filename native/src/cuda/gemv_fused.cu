@@ -44,9 +44,10 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
 /* Fused-norm input (a.in_xw): the scale of the normalized vector from the producer's partials,
  * then every element of in_xw quantized into the block's shared memory. The block sums the
  * partials in a fixed order (thread t takes t, t + 128, ... in batches of loads in flight, then
- * the warp butterfly, then the warps in order), so every block gets the same bits; the one
- * barrier is the one the shared input needs anyway. (A warp summing all partials itself needed
- * one dependent L2 round trip per 32 partials: 27 for the 864 of gate|up.)
+ * the warp butterfly, then the warps in order), so every block gets the same bits. (A warp
+ * summing all partials itself needed one dependent L2 round trip per 32 partials, 27 for the 864
+ * of gate|up that down sums; with all of a lane's loads in flight and no barrier, for up to 320
+ * partials, it was still slower: docs/CUDA.md, eighth session.)
  * rms = sqrt(sum v^2 / n + eps) as ops.c; the normalized value is (v w) * (1/rms), so
  * amax = max |v w| * (1/rms) is its exact maximum (multiplication is monotonic); the CPU
  * computes v / rms * w, so values differ from it in the last bit. */
