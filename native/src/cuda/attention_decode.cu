@@ -576,15 +576,14 @@ int32_t attention_decode_splits(int32_t n_ctx)
 }
 
 #define ATT_ARGS ag, n_head, n_head_kv, st, qkv, k_cache, v_cache, pos, scale, partial, counters, out, nw, xw, stats
-/* tiled (several tokens per block): the f16 cache only (the f32 prefill keeps its own kernel) */
+/* tiled (several tokens per block): the f16 cache only (the f32 prefill keeps its own kernel);
+ * an f32 tiled call matches no case */
 cudaError_t launch_any(int head_dim, bool kv_f32, const att_grid &ag, int n_head, int n_head_kv, cudaStream_t st,
                        const float *qkv, const void *k_cache, const void *v_cache, const int32_t *pos, float *partial,
                        int *counters, float *out, const float *nw, float *xw, float2 *stats)
 {
     const float scale = (float)(1.0 / sqrt((double)head_dim));
     const bool tiled = ag.tbt > 1 || ag.n_tok > 1;
-    if (tiled && kv_f32)
-        return cudaErrorInvalidValue;
     switch (head_dim * (kv_f32 ? -1 : 1) * (tiled ? 1000 : 1)) {
     case 32: return launch_hd<32, __half, false>(ATT_ARGS);
     case 64: return launch_hd<64, __half, false>(ATT_ARGS);
@@ -627,14 +626,13 @@ int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head
 }
 
 int32_t launch_attention_tiled(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                               const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
-                               int32_t first_pos, float *partial, int64_t partial_floats, int *counters,
-                               int64_t n_counters, float *out, cudaStream_t st)
+                               const void *k_cache, const void *v_cache, const int32_t *pos, int32_t first_pos,
+                               float *partial, int64_t partial_floats, int *counters, int64_t n_counters, float *out,
+                               cudaStream_t st)
 {
-    if (n < 1 || kv_f32 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup ||
-        !head_dim_ok(head_dim))
-        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda tiled attention: %d tokens, %d heads over %d KV heads of %d%s",
-                         n, n_head, n_head_kv, head_dim, kv_f32 ? " (f32 cache)" : "");
+    if (n < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxGroup || !head_dim_ok(head_dim))
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda tiled attention: %d tokens, %d heads over %d KV heads of %d",
+                         n, n_head, n_head_kv, head_dim);
     const int hpg = n_head / n_head_kv, tbt = kMaxGroup / hpg, ntb = (n + tbt - 1) / tbt;
     const int64_t cmax = (int64_t)tbt * hpg, stride = ((2 * cmax + 3) & ~3) + cmax * head_dim;
     /* splits: every block at most kPrefillTiles tiles, blocks enough for two per SM (132-SM
@@ -652,7 +650,7 @@ int32_t launch_attention_tiled(const float *qkv, int32_t n, int32_t n_head, int3
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda tiled attention: %d tokens do not fit its buffers", n);
     const int64_t e = (int64_t)n_head * head_dim;
     const att_grid ag = {n, tbt, ntb, splits, e + 2 * (int64_t)n_head_kv * head_dim, e, true};
-    const cudaError_t err = launch_any(head_dim, kv_f32, ag, n_head, n_head_kv, st, qkv, k_cache, v_cache, pos,
+    const cudaError_t err = launch_any(head_dim, false, ag, n_head, n_head_kv, st, qkv, k_cache, v_cache, pos,
                                        partial, counters, out, NULL, NULL, NULL);
     if (err != cudaSuccess)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching tiled attention: %s", cudaGetErrorString(err));

@@ -242,14 +242,15 @@ int32_t launch_attention_decode(const float *qkv, int32_t n_head, int32_t n_head
                                 const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
                                 int32_t n_ctx, float *partial, int *counters, float *out, cudaStream_t st,
                                 const float *nw = NULL, float *xw = NULL, float2 *stats = NULL);
-/* The same kernel over n tokens (prefill, causal; qkv and out rows as the prefill writes them):
- * a block takes kAttnMaxGroup / gs consecutive tokens of a KV group, so the tiles of the cache it
- * reads serve all of them; first_pos: the host's copy of *pos, for the grid. Fails where the
- * partials (partial_floats) or counters (n_counters) cannot hold the grid. */
+/* The same kernel over n tokens (prefill, causal; qkv and out rows as the prefill writes them;
+ * the f16 cache: the tensor-core tile): a block takes kAttnMaxGroup / gs consecutive tokens of a
+ * KV group, so the tiles of the cache it reads serve all of them; first_pos: the host's copy of
+ * *pos, for the grid. Fails where the partials (partial_floats) or counters (n_counters) cannot
+ * hold the grid. */
 int32_t launch_attention_tiled(const float *qkv, int32_t n, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                               const void *k_cache, const void *v_cache, bool kv_f32, const int32_t *pos,
-                               int32_t first_pos, float *partial, int64_t partial_floats, int *counters,
-                               int64_t n_counters, float *out, cudaStream_t st);
+                               const void *k_cache, const void *v_cache, const int32_t *pos, int32_t first_pos,
+                               float *partial, int64_t partial_floats, int *counters, int64_t n_counters, float *out,
+                               cudaStream_t st);
 /* The first producer of a fused-norm decode step (one token): xw = x * w and one partial
  * (sum x^2, max |x w|) at stats[0], for the first layer's attn_norm. */
 int32_t launch_norm_stats(const float *x, const float *w, int64_t width, float *xw, float2 *stats,

@@ -145,22 +145,23 @@ static int32_t enqueue_layer(tern_cuda_session *s, int32_t l, int32_t n)
     const size_t cache_at = layer_cache_at(s, l);
     const bool f32 = s->kv_type == TERN_KV_F32;
     const bool relu2 = h->activation == TERN_ACT_RELU2;
-    /* a few tokens: up to 64 splits of the positions; a prompt: 8 per token (the partials
-     * buffer's size) */
-    const int32_t nsplit = n * TERN_CUDA_PREFILL_SPLIT >= TERN_CUDA_MAX_SPLIT ? TERN_CUDA_PREFILL_SPLIT
-                                                                             : TERN_CUDA_MAX_SPLIT / n;
     cudaStream_t st = s->stream;
     TRY(launch_norm_quant(s->x, e, L->attn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->qkv, true, s->xq, s->meta, n, s->qkv, m->qkv_dim, EPI_STORE, st));
     TRY(launch_rope_store(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->rope_cos, s->rope_sin, s->pos,
                           s->k_cache + cache_at, s->v_cache + cache_at, f32, st));
-    if (f32) /* the tiled kernel is built for the f16 cache (its tensor-core tile) only */
+    if (f32) { /* the tiled kernel is built for the f16 cache (its tensor-core tile) only */
+        /* a few tokens: up to 64 splits of the positions; a prompt: 8 per token (the partials
+         * buffer's size) */
+        const int32_t nsplit = n * TERN_CUDA_PREFILL_SPLIT >= TERN_CUDA_MAX_SPLIT ? TERN_CUDA_PREFILL_SPLIT
+                                                                                 : TERN_CUDA_MAX_SPLIT / n;
         TRY(launch_attention(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
                              s->v_cache + cache_at, f32, s->pos, nsplit, s->partial, s->counters, s->att, st));
-    else
+    } else {
         TRY(launch_attention_tiled(s->qkv, n, h->n_head, h->n_head_kv, h->head_dim, s->k_cache + cache_at,
-                                   s->v_cache + cache_at, f32, s->pos, s->n_past, s->partial, partial_floats(s),
+                                   s->v_cache + cache_at, s->pos, s->n_past, s->partial, partial_floats(s),
                                    s->counters, (int64_t)TERN_CUDA_CHUNK * h->n_head, s->att, st));
+    }
     TRY(launch_norm_quant(s->att, e, L->attn_sub_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
     TRY(matmul(L->wo, true, s->xq, s->meta, n, s->x, e, EPI_ADD, st));
     TRY(launch_norm_quant(s->x, e, L->ffn_norm, e, h->rms_eps, n, false, relu2, s->xq, s->meta, NULL, st));
