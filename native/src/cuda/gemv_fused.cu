@@ -41,6 +41,18 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
     return 2 * unit + r;
 }
 
+/* Byte offset of input n (a multiple of 4) in the block's shared copy of its int8 input: group g
+ * of every chunk together (g * nchunks * 16 + chunk * 16), so that the lanes of a warp, reading
+ * group g of chunks lane + 32 c, read contiguous bytes. In natural order (input n at byte n),
+ * group g of chunk ch sits at 128 (ch >> 1) + 32 g + 16 (ch & 1): every 16-byte read of a warp
+ * was a 4-way shared-memory bank conflict (H100, three alternated rounds: GPU step 832.9-835.8 us
+ * against 858.8-862.8). */
+__device__ __forceinline__ int xs_offset(int n, int nchunks)
+{
+    const int ch = ((n >> 7) << 1) | ((n >> 4) & 1), g = (n >> 5) & 3;
+    return g * nchunks * 16 + ch * 16 + (n & 15);
+}
+
 /* Fused-norm input (a.in_xw): the scale of the normalized vector from the producer's partials,
  * then every element of in_xw quantized into the block's shared memory. The block sums the
  * partials in a fixed order (thread t takes t, t + 128, ... in batches of loads in flight, then
@@ -123,7 +135,7 @@ __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
 #pragma unroll
             for (int k = 0; k < 4; k++)
                 q[k] = round_sat_s8(__fmul_rn(__fmul_rn(f[k], inv), s));
-            reinterpret_cast<uint32_t *>(xs)[i] =
+            *reinterpret_cast<uint32_t *>(xs + xs_offset(4 * i, a.nchunks)) =
                 __byte_perm(__byte_perm(q[0], q[1], 0x0040), __byte_perm(q[2], q[3], 0x0040), 0x5410);
         }
     }
@@ -263,7 +275,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
         int xr[16];
 #pragma unroll
         for (int g = 0; g < 4; g++) {
-            const int4 v = *reinterpret_cast<const int4 *>(qs + (ch >> 1) * 128 + g * 32 + (ch & 1) * 16);
+            /* the block's copy (xs_offset), or the norm kernel's output in natural order (through
+             * L1: staging that in the permuted layout too was no faster, docs/CUDA.md) */
+            const int4 v = *reinterpret_cast<const int4 *>(
+                qs + (NQ ? g * a.nchunks * 16 + ch * 16 : (ch >> 1) * 128 + g * 32 + (ch & 1) * 16));
             xr[g * 4 + 0] = v.x; xr[g * 4 + 1] = v.y; xr[g * 4 + 2] = v.z; xr[g * 4 + 3] = v.w;
         }
         if (NQ) /* sum(q) for the codes' offset: every warp reads the whole input anyway */
