@@ -62,10 +62,13 @@ __device__ __forceinline__ int xs_offset(int n, int nchunks)
  * partials, it was still slower: docs/CUDA.md, eighth session.)
  * rms = sqrt(sum v^2 / n + eps) as ops.c; the normalized value is (v w) * (1/rms), so
  * amax = max |v w| * (1/rms) is its exact maximum (multiplication is monotonic); the CPU
- * computes v / rms * w, so values differ from it in the last bit. */
+ * computes v / rms * w, so values differ from it in the last bit. Returns the scale; qpart[w]:
+ * sum(q) over warp w's values, for the codes' offset (summed here once per block, not per chunk
+ * in every warp's dot products; read in the epilogue, so no register holds it meanwhile). */
 template <int V>
-__device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
+__device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs, int *qpart)
 {
+    int mine = 0; /* sum(q) of this thread's values */
     constexpr int B = V > 8 ? 8 : 4; /* partials per thread and batch (2B4T: one batch each) */
     __shared__ float2 part[kWarps];
     const int lane = threadIdx.x & 31, n4 = a.width / 4;
@@ -135,10 +138,15 @@ __device__ __forceinline__ float quantize_block(const fused_gemv &a, int8_t *xs)
 #pragma unroll
             for (int k = 0; k < 4; k++)
                 q[k] = round_sat_s8(__fmul_rn(__fmul_rn(f[k], inv), s));
-            *reinterpret_cast<uint32_t *>(xs + xs_offset(4 * i, a.nchunks)) =
+            const uint32_t packed =
                 __byte_perm(__byte_perm(q[0], q[1], 0x0040), __byte_perm(q[2], q[3], 0x0040), 0x5410);
+            *reinterpret_cast<uint32_t *>(xs + xs_offset(4 * i, a.nchunks)) = packed;
+            mine = __dp4a((int)packed, 0x01010101, mine);
         }
     }
+    mine = __reduce_add_sync(0xffffffffu, mine);
+    if (lane == 0)
+        qpart[threadIdx.x / 32] = mine;
     __syncthreads();
     return s;
 }
@@ -185,6 +193,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
     /* NQ: the int8 input, quantized by this block (kFusedNormMaxWidth bytes) */
     __shared__ __align__(16) int8_t xs[NQ ? kFusedNormMaxWidth : 16];
+    __shared__ int qpart[kWarps];
     const int lane = threadIdx.x & 31;
     const int64_t unit = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
     int64_t row[R];
@@ -253,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
          * second half of down's input no longer waits for the statistics (H100, docs/CUDA.md);
          * gate|up of wider models half (more would spill its registers). Every thread of the
          * block takes part. */
-        s = quantize_block<(NCH > 2 ? (MODE == MODE_GLU ? 8 : 14) : 5)>(a, xs);
+        s = quantize_block<(NCH > 2 ? (MODE == MODE_GLU ? 8 : 14) : 5)>(a, xs, qpart);
         qs = xs;
     } else {
         qs = a.xq;
@@ -263,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     /* a producer's block reduces its partial at the end (a barrier): no warp leaves early then */
     if (!valid[0] && !produce)
         return;
-    int32_t acc[R], qsum = 0;
+    int32_t acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++)
         acc[r] = 0;
@@ -281,10 +290,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
                 qs + (NQ ? g * a.nchunks * 16 + ch * 16 : (ch >> 1) * 128 + g * 32 + (ch & 1) * 16));
             xr[g * 4 + 0] = v.x; xr[g * 4 + 1] = v.y; xr[g * 4 + 2] = v.z; xr[g * 4 + 3] = v.w;
         }
-        if (NQ) /* sum(q) for the codes' offset: every warp reads the whole input anyway */
-#pragma unroll
-            for (int k = 0; k < 16; k++)
-                qsum = __dp4a(xr[k], 0x01010101, qsum);
 #pragma unroll
         for (int r = 0; r < R; r++)
             acc[r] += dot_chunk(wv[r][c], xr);
@@ -293,11 +298,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     for (int r = 0; r < R; r++)
         for (int o = 16; o > 0; o >>= 1)
             acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-    if (NQ) {
-        for (int o = 16; o > 0; o >>= 1)
-            qsum += __shfl_xor_sync(0xffffffffu, qsum, o);
-        sum = qsum;
-    }
     __syncwarp();
     float sc[R], prev[R];
 #pragma unroll
@@ -307,6 +307,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     }
     float ss = 0.0f, mx = 0.0f; /* a producer's statistics of the values this warp writes */
     if (lane == 0 && valid[0]) {
+        if (NQ)
+#pragma unroll
+            for (int w = 0; w < kWarps; w++)
+                sum += qpart[w];
         float y[R];
 #pragma unroll
         for (int r = 0; r < R; r++)
