@@ -78,6 +78,7 @@ class Sampler:
     def __init__(self, params: SamplerParams):
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        self._mask: np.ndarray | None = None  # _recent_hits' scratch, all False between calls
 
     @property
     def takes_top(self) -> bool:
@@ -116,23 +117,38 @@ class Sampler:
             return None
         n = top.exact
         ids, logits = top.ids[:n], top.logits[:n]
-        recent = _recent_ids(history, p.repeat_penalty, p.repeat_last_n)
         k = 1 if p.greedy else p.top_k
-        if recent.size:
-            at = np.minimum(np.searchsorted(recent, ids), recent.size - 1)
-            hit = recent[at] == ids
-            logits = np.where(hit, _penalized(logits, p.repeat_penalty), logits)
+        hit = self._recent_hits(history, ids, top.n_vocab)
+        if n < top.n_vocab and n - hit.size < k:  # fewer than k unpenalized
+            return None
+        if hit.size:
+            # the best k after the penalty are among the first k + hits: at least k of those are
+            # unpenalized, and every later candidate ranks behind them, penalized or not
+            m = min(n, k + hit.size)
+            ids, logits = ids[:m], logits[:m].copy()
+            lowered = hit[hit < m]
+            logits[lowered] = _penalized(logits[lowered], p.repeat_penalty)
             order = np.lexsort((ids, -logits))  # best first again
             ids, logits = ids[order], logits[order]
-            unpenalized = n - int(hit.sum())
-        else:
-            unpenalized = n
-        if n < top.n_vocab and unpenalized < k:
-            return None
         if p.greedy:
             return int(ids[0])
-        local, kept = _after_top_k(logits, np.arange(min(k, n)), p)
+        local, kept = _after_top_k(logits, np.arange(min(k, ids.size)), p)
         return int(ids[local[self._draw(kept / p.temperature)]])
+
+    def _recent_hits(self, history: Sequence[int], ids: np.ndarray, n_vocab: int) -> np.ndarray:
+        """Positions in `ids` of the tokens the repetition penalty touches, ascending: a vocabulary
+        mask set for the recent ids and cleared again (cheaper per token than sorting them)."""
+        p = self.params
+        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(history) == 0:
+            return _NO_HITS
+        recent = np.asarray(history if p.repeat_last_n < 0 else history[-p.repeat_last_n:], dtype=np.int64)
+        recent = recent[(recent >= 0) & (recent < n_vocab)]
+        if self._mask is None or self._mask.size != n_vocab:
+            self._mask = np.zeros(n_vocab, dtype=bool)
+        self._mask[recent] = True
+        hit = np.flatnonzero(self._mask[ids])
+        self._mask[recent] = False
+        return hit
 
     def _draw(self, logits: np.ndarray) -> int:
         probs = np.exp(logits.astype(np.float64) - logits.max())
@@ -144,6 +160,9 @@ class Sampler:
 # ---------------------------------------------------------------------------------------------
 # The filters, each usable on its own (the tests check them one by one)
 # ---------------------------------------------------------------------------------------------
+
+_NO_HITS = np.zeros(0, dtype=np.int64)
+
 
 def _recent_ids(history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
     """The distinct ids the repetition penalty touches (sorted; none when it is off)."""

@@ -242,6 +242,21 @@ def test_top_candidates_pick_the_token_the_full_vector_picks(params):
         assert not fetched  # nothing penalized: 256 candidates always hold the pick
 
 
+@pytest.mark.parametrize("params", TOP_PARAMS[3:], ids=str)
+def test_top_candidates_with_penalized_zeros_and_negatives(params):
+    """Logits mostly <= 0 (a penalty multiplies those; a penalized 0 stays 0 and ties unpenalized
+    zeros, decided by id): the candidates still pick what the whole vector picks."""
+    rng = np.random.default_rng(12)
+    from_top, from_full = Sampler(params), Sampler(params)
+    for step in range(80):
+        tenths = np.round(rng.standard_normal(3000) * 30).astype(np.int64)
+        logits = ((tenths - tenths.max() + 5) / 10).astype(np.float32)  # the best at 0.5, many exact 0
+        best = np.argsort(-logits, kind="stable")[:300]
+        history = list(rng.choice(best[: 20 + step], size=int(rng.integers(1, 120))))
+        want = from_full.sample(logits, history)
+        assert from_top.sample(_best_first(logits), history) == want, step
+
+
 def test_top_candidates_fall_back_when_too_few_are_exact_or_unpenalized():
     rng = np.random.default_rng(2)
     logits = rng.standard_normal(1000).astype(np.float32)
