@@ -187,7 +187,12 @@ constexpr int min_blocks()
     return NCH > 2 && (MODE == MODE_GLU || NQ) ? 4 : NQ ? (MODE == MODE_GLU ? 7 : 6) : 8;
 }
 
-template <int NCH, int MODE, bool NQ>
+/* NCH: chunks of a row per lane, rounded up. TAIL1: the last, partial round of chunks (rem of
+ * them, rem * R <= 32) is spread over the lanes, one (row, chunk) pair each, instead of taking a
+ * round of its own for all R rows with the lanes past rem idle: 2B4T's 40-chunk rows left 24 of
+ * 32 lanes idle in a whole second round (H100, four alternated rounds: GPU step 809.3-811.9 us
+ * against 821.9-831.9). Fused-norm input only (kernel_for). */
+template <int NCH, int MODE, bool NQ, bool TAIL1>
 __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2_fused_kernel(const fused_gemv a)
 {
     constexpr int R = MODE == MODE_GLU ? 4 : 2;
@@ -204,16 +209,25 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
         valid[r] = (MODE == MODE_GLU ? 2 * unit + (r & 1) < a.rows / 2 : row[r] < a.rows);
     }
     const int64_t rbytes = (int64_t)a.nchunks * 16;
-    uint4 wv[R][NCH];
+    constexpr int T = TAIL1 ? NCH - 1 : NCH; /* rounds with every row's chunk lane + 32 c */
+    uint4 wv[R][T > 0 ? T : 1];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int c = 0; c < NCH; c++) {
+        for (int c = 0; c < T; c++) {
             const int ch = lane + c * 32;
             wv[r][c] = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
             if (valid[r] && ch < a.nchunks)
                 wv[r][c] = __ldcs(reinterpret_cast<const uint4 *>(a.w + row[r] * rbytes + ch * 16));
         }
+    /* TAIL1: this lane's pair of the last round, row tr (R: none) and chunk tail_ch */
+    const int rem = a.nchunks - 32 * T, tr = TAIL1 ? lane / rem : R, tail_ch = 32 * T + lane - tr * rem;
+    uint4 wt = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
+    if (TAIL1 && tr < R) {
+        const int64_t rw = row_of<MODE>(a, unit, tr);
+        if (MODE == MODE_GLU ? 2 * unit + (tr & 1) < a.rows / 2 : rw < a.rows)
+            wt = __ldcs(reinterpret_cast<const uint4 *>(a.w + rw * rbytes + tail_ch * 16));
+    }
     /* a producer's next-norm weights of its outputs are constant too: before the wait (only the
      * fused-norm step produces, and it always consumes that way too: the plain kernels stay as
      * they were) */
@@ -276,12 +290,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
 #pragma unroll
     for (int r = 0; r < R; r++)
         acc[r] = 0;
-#pragma unroll
-    for (int c = 0; c < NCH; c++) {
-        const int ch = lane + c * 32;
-        if (ch >= a.nchunks)
-            continue;
-        int xr[16];
+    auto load_input = [&](int ch, int (&xr)[16]) {
 #pragma unroll
         for (int g = 0; g < 4; g++) {
             /* the block's copy (xs_offset), or the norm kernel's output in natural order (through
@@ -290,9 +299,25 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
                 qs + (NQ ? g * a.nchunks * 16 + ch * 16 : (ch >> 1) * 128 + g * 32 + (ch & 1) * 16));
             xr[g * 4 + 0] = v.x; xr[g * 4 + 1] = v.y; xr[g * 4 + 2] = v.z; xr[g * 4 + 3] = v.w;
         }
+    };
+#pragma unroll
+    for (int c = 0; c < T; c++) {
+        const int ch = lane + c * 32;
+        if (ch >= a.nchunks)
+            continue;
+        int xr[16];
+        load_input(ch, xr);
 #pragma unroll
         for (int r = 0; r < R; r++)
             acc[r] += dot_chunk(wv[r][c], xr);
+    }
+    if (TAIL1 && tr < R) {
+        int xr[16];
+        load_input(tail_ch, xr);
+        const int32_t d = dot_chunk(wt, xr);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            acc[r] += tr == r ? d : 0;
     }
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -390,14 +415,22 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
 
 using fused_kernel = void (*)(fused_gemv);
 
-template <int MODE>
-fused_kernel kernel_for(int per, const fused_gemv &a)
+template <int MODE, bool NQ, bool TAIL1>
+fused_kernel kernel_for(int per)
 {
-    if (a.in_xw)
-        return per == 1 ? gemv_t2_fused_kernel<1, MODE, true> : per == 2 ? gemv_t2_fused_kernel<2, MODE, true>
-             : per == 3 ? gemv_t2_fused_kernel<3, MODE, true> : gemv_t2_fused_kernel<4, MODE, true>;
-    return per == 1 ? gemv_t2_fused_kernel<1, MODE, false> : per == 2 ? gemv_t2_fused_kernel<2, MODE, false>
-         : per == 3 ? gemv_t2_fused_kernel<3, MODE, false> : gemv_t2_fused_kernel<4, MODE, false>;
+    return per == 1 ? gemv_t2_fused_kernel<1, MODE, NQ, TAIL1> : per == 2 ? gemv_t2_fused_kernel<2, MODE, NQ, TAIL1>
+         : per == 3 ? gemv_t2_fused_kernel<3, MODE, NQ, TAIL1> : gemv_t2_fused_kernel<4, MODE, NQ, TAIL1>;
+}
+
+/* The spread tail only with the fused-norm input (in shared memory): reading the plain input from
+ * global memory, the tail's own input read cost more than the idle lanes (H100, per-shape chain:
+ * gate|up 6.65 against 6.42 us). */
+template <int MODE>
+fused_kernel kernel_for(int per, bool tail1, const fused_gemv &a)
+{
+    if (!a.in_xw)
+        return kernel_for<MODE, false, false>(per);
+    return tail1 ? kernel_for<MODE, true, true>(per) : kernel_for<MODE, true, false>(per);
 }
 
 } // namespace
@@ -432,9 +465,11 @@ int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
     const int per = (a.nchunks + 31) / 32;
     if (per < 1 || per > 4)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: %d chunks per lane", per);
-    const fused_kernel k = mode == MODE_ROPE ? kernel_for<MODE_ROPE>(per, a)
-                         : mode == MODE_GLU  ? kernel_for<MODE_GLU>(per, a)
-                                             : kernel_for<MODE_PLAIN>(per, a);
+    const int rows_per_warp = mode == MODE_GLU ? 4 : 2, rem = a.nchunks - 32 * (per - 1);
+    const bool tail1 = rem * rows_per_warp <= 32; /* the last round's pairs fit one per lane */
+    const fused_kernel k = mode == MODE_ROPE ? kernel_for<MODE_ROPE>(per, tail1, a)
+                         : mode == MODE_GLU  ? kernel_for<MODE_GLU>(per, tail1, a)
+                                             : kernel_for<MODE_PLAIN>(per, tail1, a);
     LAUNCH("fused gemv", k, dim3((unsigned)gemv_t2_fused_blocks(a)), dim3(kThreads), st, a);
     return TERN_OK;
 }
