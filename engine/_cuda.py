@@ -85,6 +85,9 @@ def declare(h: ctypes.CDLL) -> bool:
     #                             double *seconds, double *bytes);
     fn("tern_cuda_gemv_time", ctypes.c_int32, vp, ctypes.c_int32, ctypes.c_int32,
        ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double))
+    # int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, int32_t reps, double *seconds);
+    fn("tern_cuda_read_chain_time", ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32,
+       ctypes.POINTER(ctypes.c_double))
     # int32_t tern_cuda_decode_time(tern_cuda_session *session, int32_t top, int32_t reps, double *seconds);
     fn("tern_cuda_decode_time", ctypes.c_int32, vp, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_double))
     _declared = True

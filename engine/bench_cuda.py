@@ -11,7 +11,9 @@ replayed, no host work), prompt tokens/s and time to first token for a 512-token
 device's measured read bandwidth, decode bandwidth (bytes per token x tokens/s) against it,
 and each decode GEMV shape's bandwidth (q|k|v, wo, gate|up, down, LM head) timed in a graph over
 every layer's matrix so the bytes exceed the L2 cache (with TERN_CUDA_PERSISTENT=1: as the
-persistent decode kernel runs that step, docs/CUDA.md). Median and best of --repeat runs."""
+persistent decode kernel runs that step, docs/CUDA.md), next to the same chain of kernels that
+only read those bytes (the floor of that timing: what any kernel moving them could reach).
+Median and best of --repeat runs."""
 from __future__ import annotations
 
 import json
@@ -44,7 +46,7 @@ def _bytes_per_token(model, lm_head: str, n_ctx_mean: float) -> dict:
 
 
 def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx: int) -> dict:
-    from engine.cuda import CudaDecoder
+    from engine.cuda import CudaDecoder, read_chain_time
     from engine.model import load_model
     from engine.sampling import Sampler, SamplerParams
 
@@ -98,7 +100,10 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
             if name == "lm_head" and lm_head != "int8":
                 continue
             seconds, nbytes = dec.gemv_time(name)
-            shapes[name] = {"us": seconds * 1e6, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
+            links = 4 if name == "lm_head" else dec._model.hparams.n_layer  # as tern_cuda_gemv_time launches
+            alone = read_chain_time(nbytes, links)
+            shapes[name] = {"us": seconds * 1e6, "bytes": nbytes, "gbps": nbytes / seconds / 1e9,
+                            "read_alone_us": alone * 1e6, "read_alone_gbps": nbytes / alone / 1e9}
         bpt = _bytes_per_token(dec._model, lm_head, PROMPT + tg / 2)
         decode = "persistent kernel" if dec.persistent_active else "graph" if dec.graph_active else "launches"
         return {"engine": "tern cuda", "lm_head": lm_head, "kernel": dec.kernel, "decode": decode, "device": dec.device,
@@ -186,6 +191,7 @@ def run_cuda_bench(model: Path, lm_heads, repeat: int, tg: int, n_ctx: int, peer
         r["decode_bandwidth_fraction"] = med / bw
         for s in r["gemv"].values():
             s["fraction"] = s["gbps"] / bw
+            s["read_alone_fraction"] = s["read_alone_gbps"] / bw
         report["engines"].append(r)
         log.info("tern cuda %s head: %s", head, json.dumps({k: v for k, v in r.items() if k != "gemv"}))
     if peer:
@@ -233,7 +239,8 @@ def format_report(report: dict, tg: int) -> str:
                      f"({e['bytes_per_token']['total'] / 1e6:.0f} MB/token)")
         for name, s in e["gemv"].items():
             lines.append(f"  gemv {name:8s}: {s['us']:7.1f} us  {s['bytes'] / 1e6:7.1f} MB  {s['gbps']:6.0f} GB/s "
-                         f"= {100 * s['fraction']:.0f}%")
+                         f"= {100 * s['fraction']:.0f}%; reading alone {s['read_alone_us']:.1f} us "
+                         f"= {100 * s['read_alone_fraction']:.0f}%")
     for name, ratio in report["ratios"].items():
         lines.append(f"tern cuda / {name}: {ratio:.1f}x decode")
     return "\n".join(lines) + "\n"

@@ -91,6 +91,14 @@ def bandwidth_probe(nbytes: int = 2 << 30, reps: int = 20) -> float:
     return out.value
 
 
+def read_chain_time(nbytes: int, launches: int, reps: int = 50) -> float:
+    """Seconds per kernel of a CUDA graph of `launches` kernels that each only read their own
+    `nbytes`, launched as gemv_time launches the GEMVs: that timing's floor for those bytes."""
+    out = ctypes.c_double()
+    _check(lib().tern_cuda_read_chain_time(int(nbytes), launches, reps, ctypes.byref(out)))
+    return out.value
+
+
 class CudaDecoder:
     """Decoder protocol (docs/ENGINE-API.md) on the GPU. Owns `model` (a BitNetModel) and closes
     it in close(). lm_head='f16' and kv_type='f32' give the reference's precision."""

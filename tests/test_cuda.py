@@ -457,6 +457,23 @@ def test_cuda_bench_reports_both_decode_loops(byte_model):
     assert tern["gpu_step_s"] > 0 and tern["gpu_top_step_s"] > 0
     text = format_report(report, 8)
     assert "the chat's loop over the GPU's best logits" in text and "every step's logits to the host" in text
+    for name, shape in tern["gemv"].items():
+        assert shape["read_alone_us"] > 0 and shape["read_alone_fraction"] > 0, name
+    assert text.count("reading alone") == len(tern["gemv"])
+
+
+@gpu
+def test_read_chain_reads_its_bytes():
+    """The floor bench prints beside each GEMV shape: a chain of kernels that only read. Over more
+    bytes than the L2 holds it cannot beat the device's read bandwidth (a chain whose loads were
+    optimized away would), and it refuses sizes it cannot honour."""
+    bandwidth = cuda.bandwidth_probe(256 << 20, reps=5)
+    seconds = cuda.read_chain_time(32 << 20, 8, reps=5)
+    assert 0 < (32 << 20) / seconds / 1e9 <= 1.2 * bandwidth
+    with pytest.raises(NativeError):
+        cuda.read_chain_time(8, 4)
+    with pytest.raises(NativeError):
+        cuda.read_chain_time(1 << 20, 0)
 
 
 @gpu

@@ -133,6 +133,33 @@ __global__ void read_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out
         out[0] = acc;
 }
 
+/* One link of the read chain: a decode GEMV's weight traffic alone. Up to 8 16-byte loads per
+ * thread are issued before grid_wait(), as the GEMVs issue their rows, the rest after it. */
+__global__ void read_link_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out)
+{
+    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, step = (size_t)gridDim.x * blockDim.x;
+    uint4 v[8];
+    int held = 0;
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        if (first + k * step < n) {
+            v[k] = __ldcs(p + first + k * step);
+            held = k + 1;
+        }
+    grid_wait();
+    uint32_t acc = 0;
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        if (k < held)
+            acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    for (size_t i = first + 8 * step; i < n; i += step) {
+        const uint4 w = __ldcs(p + i);
+        acc ^= w.x ^ w.y ^ w.z ^ w.w;
+    }
+    if (acc == 0x9e3779b9u) /* practically never: keeps the loads alive */
+        out[0] = acc;
+}
+
 __global__ void fill_kernel(uint32_t *p, size_t n)
 {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -204,6 +231,60 @@ extern "C" int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, doubl
         return status;
     *gb_per_s = (double)(n * 16) / s / 1e9;
     return TERN_OK;
+}
+
+/* Seconds per link of a graph of `launches` kernels that each only read their own `bytes`, launched
+ * as tern_cuda_gemv_time launches the GEMVs (programmatic dependent launch where enabled, no
+ * early release): the floor of that timing for a kernel of that many bytes. */
+extern "C" int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, int32_t reps, double *seconds)
+{
+    if (!seconds || bytes < 16 || bytes > (1ull << 32) || launches < 1 || launches > 256 || reps < 1)
+        return tern_fail(TERN_ERR_INVALID, "cuda read chain: 16 B to 4 GiB per link, 1 to 256 links, reps >= 1");
+    if (!tern_cuda_available())
+        return TERN_ERR_UNSUPPORTED;
+    const size_t n = bytes / 16;
+    dev_buffers b;
+    uint4 *buf;
+    unsigned *sink;
+    if (b.alloc(&buf, n * 16 * (size_t)launches) != TERN_OK || b.alloc(&sink, 4) != TERN_OK)
+        return TERN_ERR_NOMEM;
+    fill_kernel<<<1024, 256>>>((uint32_t *)buf, n * 4 * (size_t)launches);
+    CUDA_TRY(cudaDeviceSynchronize());
+    cudaDeviceProp p;
+    CUDA_TRY(cudaGetDeviceProperties(&p, 0));
+    cudaStream_t st;
+    CUDA_TRY(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaGraph_t g;
+    int32_t status = TERN_OK;
+    if (cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        cudaStreamDestroy(st);
+        return tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capture failed");
+    }
+    /* 8 blocks of 128 threads per SM: the GEMVs' block size; the best of 2.4 to 8 per SM within
+     * a few percent (fifth session) */
+    for (int32_t l = 0; l < launches && status == TERN_OK; l++) {
+        const cudaError_t e = launch_k(read_link_kernel, dim3((unsigned)p.multiProcessorCount * 8), dim3(128), st,
+                                       (const uint4 *)(buf + (size_t)l * n), n, sink);
+        if (e != cudaSuccess)
+            status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching the read chain: %s", cudaGetErrorString(e));
+    }
+    const cudaError_t end = cudaStreamEndCapture(st, &g);
+    cudaGraphExec_t exec = NULL;
+    if (status == TERN_OK && end == cudaSuccess && cudaGraphInstantiate(&exec, g, 0) != cudaSuccess)
+        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: graph instantiation failed");
+    if (end == cudaSuccess)
+        cudaGraphDestroy(g);
+    else if (status == TERN_OK)
+        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capture failed: %s", cudaGetErrorString(end));
+    double t = 0.0;
+    if (status == TERN_OK)
+        status = time_graph(exec, st, reps, &t);
+    if (exec)
+        cudaGraphExecDestroy(exec);
+    cudaStreamDestroy(st);
+    if (status == TERN_OK)
+        *seconds = t / launches;
+    return status;
 }
 
 /* The persistent decode's steps of one matrix kind over every layer (persist.cu with `only`):
