@@ -133,29 +133,25 @@ __global__ void read_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out
         out[0] = acc;
 }
 
-/* One link of the read chain: a decode GEMV's weight traffic alone. Up to 8 16-byte loads per
- * thread are issued before grid_wait(), as the GEMVs issue their rows, the rest after it. */
+/* One link of the read chain: a decode GEMV's weight traffic alone. Each thread reads in batches
+ * of 8 16-byte loads in flight; the first batch is issued before grid_wait(), as the GEMVs issue
+ * their rows. */
 __global__ void read_link_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out)
 {
-    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, step = (size_t)gridDim.x * blockDim.x;
-    uint4 v[8];
-    int held = 0;
-#pragma unroll
-    for (int k = 0; k < 8; k++)
-        if (first + k * step < n) {
-            v[k] = __ldcs(p + first + k * step);
-            held = k + 1;
-        }
-    grid_wait();
+    const size_t step = (size_t)gridDim.x * blockDim.x;
     uint32_t acc = 0;
+    for (size_t base = (size_t)blockIdx.x * blockDim.x + threadIdx.x; base < n; base += 8 * step) {
+        uint4 v[8];
 #pragma unroll
-    for (int k = 0; k < 8; k++)
-        if (k < held)
+        for (int k = 0; k < 8; k++)
+            v[k] = base + k * step < n ? __ldcs(p + base + k * step) : make_uint4(0, 0, 0, 0);
+        if (base < step)
+            grid_wait();
+#pragma unroll
+        for (int k = 0; k < 8; k++)
             acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
-    for (size_t i = first + 8 * step; i < n; i += step) {
-        const uint4 w = __ldcs(p + i);
-        acc ^= w.x ^ w.y ^ w.z ^ w.w;
     }
+    grid_wait(); /* threads past the end too */
     if (acc == 0x9e3779b9u) /* practically never: keeps the loads alive */
         out[0] = acc;
 }
