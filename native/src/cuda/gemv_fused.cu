@@ -258,6 +258,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
             rs = a.rope_sin[pos * half + unit % half];
         }
     }
+    /* The release comes after the scales' store, which waits for their loads, issued behind the
+     * weight rows: the successor launches about when this warp's rows have arrived. That timing
+     * is measured, not incidental (H100, ninth session): the scales by cp.async, so the release
+     * came at once, GPU step 839.8-847.1 us against 836.3-838.0; the release after the input
+     * stage, 947.9-949.7 against 823.8-829.0. */
     if (a.early)
         grid_launch_dependents();
     grid_wait(); /* the input comes from the previous kernel */
