@@ -138,11 +138,9 @@ class Sampler:
     def _recent_hits(self, history: Sequence[int], ids: np.ndarray, n_vocab: int) -> np.ndarray:
         """Positions in `ids` of the tokens the repetition penalty touches, ascending: a vocabulary
         mask set for the recent ids and cleared again (cheaper per token than sorting them)."""
-        p = self.params
-        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(history) == 0:
+        recent = _recent_ids(history, self.params.repeat_penalty, self.params.repeat_last_n, n_vocab)
+        if recent.size == 0:
             return _NO_HITS
-        recent = np.asarray(history if p.repeat_last_n < 0 else history[-p.repeat_last_n:], dtype=np.int64)
-        recent = recent[(recent >= 0) & (recent < n_vocab)]
         if self._mask is None or self._mask.size != n_vocab:
             self._mask = np.zeros(n_vocab, dtype=bool)
         self._mask[recent] = True
@@ -164,12 +162,12 @@ class Sampler:
 _NO_HITS = np.zeros(0, dtype=np.int64)
 
 
-def _recent_ids(history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
-    """The distinct ids the repetition penalty touches (sorted; none when it is off)."""
+def _recent_ids(history: Sequence[int], penalty: float, last_n: int, n_vocab: int) -> np.ndarray:
+    """The ids the repetition penalty touches, below n_vocab (repeats kept; none when it is off)."""
     if penalty == 1.0 or last_n == 0 or len(history) == 0:
-        return np.zeros(0, dtype=np.int64)
-    recent = history if last_n < 0 else history[-last_n:]
-    return np.unique(np.asarray(recent, dtype=np.int64))
+        return _NO_HITS
+    recent = np.asarray(history if last_n < 0 else history[-last_n:], dtype=np.int64)
+    return recent[(recent >= 0) & (recent < n_vocab)]
 
 
 def _penalized(values: np.ndarray, penalty: float) -> np.ndarray:
@@ -179,12 +177,11 @@ def _penalized(values: np.ndarray, penalty: float) -> np.ndarray:
 def apply_repeat_penalty(logits: np.ndarray, history: Sequence[int], penalty: float, last_n: int) -> np.ndarray:
     """llama.cpp's repetition penalty: each distinct id among the last `last_n` of `history`
     has its logit divided by `penalty` if positive, multiplied by it otherwise. Returns a copy."""
-    ids = _recent_ids(history, penalty, last_n)
+    ids = _recent_ids(history, penalty, last_n, logits.size)
     if ids.size == 0:
         return logits
-    ids = ids[(ids >= 0) & (ids < logits.size)]
     out = logits.copy()
-    out[ids] = _penalized(out[ids], penalty)
+    out[ids] = _penalized(out[ids], penalty)  # a repeated id reads and writes the same value: once
     return out
 
 

@@ -27,6 +27,12 @@ __device__ __forceinline__ void put(void *cache, bool f32, int64_t at, float v)
 
 enum { MODE_PLAIN = 0, MODE_ROPE = 1, MODE_GLU = 2 };
 
+/* Rows of one warp (a unit) */
+__host__ __device__ constexpr int warp_rows(int mode)
+{
+    return mode == MODE_GLU ? 4 : 2;
+}
+
 /* Rows of warp `unit`: PLAIN 2 consecutive rows; ROPE (i, i + head_dim/2) of one head; GLU gate
  * rows 2u, 2u+1 and their up rows n_ff + 2u, n_ff + 2u + 1. */
 template <int MODE>
@@ -39,6 +45,13 @@ __device__ __forceinline__ int64_t row_of(const fused_gemv &a, int64_t unit, int
     if (MODE == MODE_GLU)
         return (r >= 2 ? a.rows / 2 : 0) + 2 * unit + (r & 1);
     return 2 * unit + r;
+}
+
+/* Whether row r of the unit (row_of) exists: a GLU unit's gate and up rows exist together */
+template <int MODE>
+__device__ __forceinline__ bool row_valid(const fused_gemv &a, int64_t unit, int r, int64_t row)
+{
+    return MODE == MODE_GLU ? 2 * unit + (r & 1) < a.rows / 2 : row < a.rows;
 }
 
 /* Byte offset of input n (a multiple of 4) in the block's shared copy of its int8 input: group g
@@ -195,7 +208,7 @@ constexpr int min_blocks()
 template <int NCH, int MODE, bool NQ, bool TAIL1>
 __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2_fused_kernel(const fused_gemv a)
 {
-    constexpr int R = MODE == MODE_GLU ? 4 : 2;
+    constexpr int R = warp_rows(MODE);
     /* NQ: the int8 input, quantized by this block (kFusedNormMaxWidth bytes) */
     __shared__ __align__(16) int8_t xs[NQ ? kFusedNormMaxWidth : 16];
     __shared__ int qpart[kWarps];
@@ -206,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
 #pragma unroll
     for (int r = 0; r < R; r++) {
         row[r] = row_of<MODE>(a, unit, r);
-        valid[r] = (MODE == MODE_GLU ? 2 * unit + (r & 1) < a.rows / 2 : row[r] < a.rows);
+        valid[r] = row_valid<MODE>(a, unit, r, row[r]);
     }
     const int64_t rbytes = (int64_t)a.nchunks * 16;
     constexpr int T = TAIL1 ? NCH - 1 : NCH; /* rounds with every row's chunk lane + 32 c */
@@ -225,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<NCH, MODE, NQ>()) gemv_t2
     uint4 wt = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
     if (TAIL1 && tr < R) {
         const int64_t rw = row_of<MODE>(a, unit, tr);
-        if (MODE == MODE_GLU ? 2 * unit + (tr & 1) < a.rows / 2 : rw < a.rows)
+        if (row_valid<MODE>(a, unit, tr, rw))
             wt = __ldcs(reinterpret_cast<const uint4 *>(a.w + rw * rbytes + tail_ch * 16));
     }
     /* a producer's next-norm weights of its outputs are constant too: before the wait (only the
@@ -470,8 +483,8 @@ int32_t launch_gemv_t2_fused(const fused_gemv &a, cudaStream_t st)
     const int per = (a.nchunks + 31) / 32;
     if (per < 1 || per > 4)
         return tern_fail(TERN_ERR_UNSUPPORTED, "cuda fused gemv: %d chunks per lane", per);
-    const int rows_per_warp = mode == MODE_GLU ? 4 : 2, rem = a.nchunks - 32 * (per - 1);
-    const bool tail1 = rem * rows_per_warp <= 32; /* the last round's pairs fit one per lane */
+    const int rem = a.nchunks - 32 * (per - 1);
+    const bool tail1 = rem * warp_rows(mode) <= 32; /* the last round's pairs fit one per lane */
     const fused_kernel k = mode == MODE_ROPE ? kernel_for<MODE_ROPE>(per, tail1, a)
                          : mode == MODE_GLU  ? kernel_for<MODE_GLU>(per, tail1, a)
                                              : kernel_for<MODE_PLAIN>(per, tail1, a);

@@ -193,6 +193,27 @@ int32_t time_graph(cudaGraphExec_t exec, cudaStream_t st, int reps, double *seco
     return status;
 }
 
+/* Ends the capture begun on st and, when the captured launches succeeded (status TERN_OK),
+ * instantiates the graph and times it (time_graph): the per-replay median in *seconds. Returns the
+ * first failure; the graph is freed either way, the stream is the caller's. */
+int32_t end_capture_and_time(cudaStream_t st, int32_t status, int reps, double *seconds)
+{
+    cudaGraph_t g;
+    const cudaError_t end = cudaStreamEndCapture(st, &g);
+    cudaGraphExec_t exec = NULL;
+    if (status == TERN_OK && end == cudaSuccess && cudaGraphInstantiate(&exec, g, 0) != cudaSuccess)
+        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: graph instantiation failed");
+    if (end == cudaSuccess)
+        cudaGraphDestroy(g);
+    else if (status == TERN_OK)
+        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capture failed: %s", cudaGetErrorString(end));
+    if (status == TERN_OK)
+        status = time_graph(exec, st, reps, seconds);
+    if (exec)
+        cudaGraphExecDestroy(exec);
+    return status;
+}
+
 } // namespace
 
 extern "C" int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, double *gb_per_s)
@@ -212,16 +233,10 @@ extern "C" int32_t tern_cuda_bandwidth_probe(uint64_t bytes, int32_t reps, doubl
     CUDA_TRY(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     cudaDeviceProp p;
     CUDA_TRY(cudaGetDeviceProperties(&p, 0));
-    cudaGraph_t g;
-    cudaGraphExec_t exec = NULL;
     CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     read_kernel<<<p.multiProcessorCount * 8, 512, 0, st>>>(buf, n, sink);
-    CUDA_TRY(cudaStreamEndCapture(st, &g));
-    CUDA_TRY(cudaGraphInstantiate(&exec, g, 0));
-    cudaGraphDestroy(g);
     double s = 0.0;
-    const int32_t status = time_graph(exec, st, reps, &s);
-    cudaGraphExecDestroy(exec);
+    const int32_t status = end_capture_and_time(st, TERN_OK, reps, &s);
     cudaStreamDestroy(st);
     if (status != TERN_OK)
         return status;
@@ -250,7 +265,6 @@ extern "C" int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, i
     CUDA_TRY(cudaGetDeviceProperties(&p, 0));
     cudaStream_t st;
     CUDA_TRY(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaGraph_t g;
     int32_t status = TERN_OK;
     if (cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
         cudaStreamDestroy(st);
@@ -264,19 +278,8 @@ extern "C" int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, i
         if (e != cudaSuccess)
             status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching the read chain: %s", cudaGetErrorString(e));
     }
-    const cudaError_t end = cudaStreamEndCapture(st, &g);
-    cudaGraphExec_t exec = NULL;
-    if (status == TERN_OK && end == cudaSuccess && cudaGraphInstantiate(&exec, g, 0) != cudaSuccess)
-        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: graph instantiation failed");
-    if (end == cudaSuccess)
-        cudaGraphDestroy(g);
-    else if (status == TERN_OK)
-        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capture failed: %s", cudaGetErrorString(end));
     double t = 0.0;
-    if (status == TERN_OK)
-        status = time_graph(exec, st, reps, &t);
-    if (exec)
-        cudaGraphExecDestroy(exec);
+    status = end_capture_and_time(st, status, reps, &t);
     cudaStreamDestroy(st);
     if (status == TERN_OK)
         *seconds = t / launches;
@@ -363,7 +366,6 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
         return tern_fail(TERN_ERR_UNSUPPORTED, "tern_cuda_gemv_time: the LM head is timed for int8 only");
     cudaStream_t st;
     CUDA_TRY(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaGraph_t g;
     CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     const int32_t launches = which == 4 ? 4 : h->n_layer;
     double total = 0.0;
@@ -382,19 +384,8 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
         }
         total += (double)w.rows * (double)(which == 4 ? w.cols : w.cols / 4);
     }
-    const cudaError_t end = cudaStreamEndCapture(st, &g);
-    cudaGraphExec_t exec = NULL;
-    if (status == TERN_OK && end == cudaSuccess && cudaGraphInstantiate(&exec, g, 0) != cudaSuccess)
-        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: graph instantiation failed");
-    if (end == cudaSuccess)
-        cudaGraphDestroy(g);
-    else if (status == TERN_OK)
-        status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capture failed: %s", cudaGetErrorString(end));
     double s = 0.0;
-    if (status == TERN_OK)
-        status = time_graph(exec, st, reps, &s);
-    if (exec)
-        cudaGraphExecDestroy(exec);
+    status = end_capture_and_time(st, status, reps, &s);
     cudaStreamDestroy(st);
     if (status != TERN_OK)
         return status;
