@@ -88,6 +88,8 @@ def declare(h: ctypes.CDLL) -> bool:
     # int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, int32_t reps, double *seconds);
     fn("tern_cuda_read_chain_time", ctypes.c_int32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32,
        ctypes.POINTER(ctypes.c_double))
+    # int32_t tern_cuda_gemv_read_floor(tern_cuda_model *model, int32_t which, int32_t reps, double *seconds);
+    fn("tern_cuda_gemv_read_floor", ctypes.c_int32, vp, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_double))
     # int32_t tern_cuda_decode_time(tern_cuda_session *session, int32_t top, int32_t reps, double *seconds);
     fn("tern_cuda_decode_time", ctypes.c_int32, vp, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_double))
     _declared = True

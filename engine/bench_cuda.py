@@ -46,7 +46,7 @@ def _bytes_per_token(model, lm_head: str, n_ctx_mean: float) -> dict:
 
 
 def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx: int) -> dict:
-    from engine.cuda import CudaDecoder, read_chain_time
+    from engine.cuda import CudaDecoder
     from engine.model import load_model
     from engine.sampling import Sampler, SamplerParams
 
@@ -100,8 +100,7 @@ def bench_tern_cuda(model_path: Path, lm_head: str, repeat: int, tg: int, n_ctx:
             if name == "lm_head" and lm_head != "int8":
                 continue
             seconds, nbytes = dec.gemv_time(name)
-            links = 4 if name == "lm_head" else dec._model.hparams.n_layer  # as tern_cuda_gemv_time launches
-            alone = read_chain_time(nbytes, links)
+            alone = dec.gemv_read_floor(name)
             shapes[name] = {"us": seconds * 1e6, "bytes": nbytes, "gbps": nbytes / seconds / 1e9,
                             "read_alone_us": alone * 1e6, "read_alone_gbps": nbytes / alone / 1e9}
         bpt = _bytes_per_token(dec._model, lm_head, PROMPT + tg / 2)

@@ -204,6 +204,13 @@ class CudaDecoder:
         _check(lib().tern_cuda_gemv_time(self._handle, GEMV_SHAPES[shape], reps, ctypes.byref(s), ctypes.byref(b)))
         return s.value, b.value
 
+    def gemv_read_floor(self, shape: str, reps: int = 50) -> float:
+        """Seconds per kernel of read_chain_time over the bytes and launches gemv_time times for
+        that shape: the floor of its figure."""
+        s = ctypes.c_double()
+        _check(lib().tern_cuda_gemv_read_floor(self._handle, GEMV_SHAPES[shape], reps, ctypes.byref(s)))
+        return s.value
+
     def decode_step_time(self, reps: int = 50, top: bool = False) -> float:
         """Seconds of one decode step on the GPU alone (the captured graph replayed, without
         the host's work; top: forward_top's graph, its uploads and selection included); needs a

@@ -160,6 +160,7 @@ class Sampler:
 # ---------------------------------------------------------------------------------------------
 
 _NO_HITS = np.zeros(0, dtype=np.int64)
+_NO_HITS.flags.writeable = False  # shared by every call that finds no recent ids
 
 
 def _recent_ids(history: Sequence[int], penalty: float, last_n: int, n_vocab: int) -> np.ndarray:

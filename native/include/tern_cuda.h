@@ -90,6 +90,10 @@ TERN_API int32_t tern_cuda_gemv_time(tern_cuda_model *model, int32_t which, int3
  * that timing allows a kernel that moves the same bytes. */
 TERN_API int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, int32_t reps, double *seconds);
 
+/* tern_cuda_read_chain_time for the bytes and launches tern_cuda_gemv_time times for `which`: the
+ * floor of that shape's figure. */
+TERN_API int32_t tern_cuda_gemv_read_floor(tern_cuda_model *model, int32_t which, int32_t reps, double *seconds);
+
 /* Seconds of one replay of the session's decode graph on the GPU alone (no host work), median
  * of reps: top 0, tern_cuda_forward's (no copies), top 1, tern_cuda_decode_top's (its uploads and
  * the selection included); it rewrites the KV row at n_past, which the next forward writes again,

@@ -122,21 +122,11 @@ extern "C" int32_t tern_cuda_kernel_test(int32_t op, const void *w, uint64_t w_s
 
 namespace {
 
+/* Reads n 16-byte values, in batches of 8 loads in flight per thread: the bandwidth probe, and one
+ * link of the read chain (a decode GEMV's weight traffic alone), whose first batch is issued
+ * before grid_wait(), as the GEMVs issue their rows (without a dependent launch the wait returns
+ * at once). */
 __global__ void read_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out)
-{
-    uint32_t acc = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const uint4 v = __ldcs(p + i);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x9e3779b9u) /* practically never: keeps the loads alive */
-        out[0] = acc;
-}
-
-/* One link of the read chain: a decode GEMV's weight traffic alone. Each thread reads in batches
- * of 8 16-byte loads in flight; the first batch is issued before grid_wait(), as the GEMVs issue
- * their rows. */
-__global__ void read_link_kernel(const uint4 *__restrict__ p, size_t n, unsigned *out)
 {
     const size_t step = (size_t)gridDim.x * blockDim.x;
     uint32_t acc = 0;
@@ -273,7 +263,7 @@ extern "C" int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, i
     /* 8 blocks of 128 threads per SM: the GEMVs' block size; the best of 2.4 to 8 per SM within
      * a few percent (fifth session) */
     for (int32_t l = 0; l < launches && status == TERN_OK; l++) {
-        const cudaError_t e = launch_k(read_link_kernel, dim3((unsigned)p.multiProcessorCount * 8), dim3(128), st,
+        const cudaError_t e = launch_k(read_kernel, dim3((unsigned)p.multiProcessorCount * 8), dim3(128), st,
                                        (const uint4 *)(buf + (size_t)l * n), n, sink);
         if (e != cudaSuccess)
             status = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: launching the read chain: %s", cudaGetErrorString(e));
@@ -284,6 +274,28 @@ extern "C" int32_t tern_cuda_read_chain_time(uint64_t bytes, int32_t launches, i
     if (status == TERN_OK)
         *seconds = t / launches;
     return status;
+}
+
+/* What tern_cuda_gemv_time times for `which` (0 q|k|v, 1 wo, 2 gate|up, 3 down, 4 LM head): layer
+ * l's matrix of that kind, or the LM head; weight bytes per launch; launches chained (every
+ * layer's, or the LM head 4 times: 328 MB each already exceed the L2). */
+static const dmat &timed_matrix(const tern_cuda_model *m, int32_t which, int32_t l)
+{
+    if (which == 4)
+        return m->head;
+    const cuda_layer *L = &m->layers[l];
+    return which == 0 ? L->qkv : which == 1 ? L->wo : which == 2 ? L->gate_up : L->down;
+}
+
+static double timed_bytes(const tern_cuda_model *m, int32_t which)
+{
+    const dmat &w = timed_matrix(m, which, 0);
+    return (double)w.rows * (double)(which == 4 ? w.cols : w.cols / 4);
+}
+
+static int32_t timed_launches(const tern_cuda_model *m, int32_t which)
+{
+    return which == 4 ? 4 : m->hv.n_layer;
 }
 
 /* The persistent decode's steps of one matrix kind over every layer (persist.cu with `only`):
@@ -303,26 +315,18 @@ static int32_t persist_step_time(tern_cuda_model *m, int32_t which, int32_t reps
          cudaMemset(s->h, 0, (size_t)m->hv.n_ff * 8) != cudaSuccess || cudaMemset(s->pos, 0, 4) != cudaSuccess ||
          cudaDeviceSynchronize() != cudaSuccess))
         st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: preparing the step measurement failed");
-    cudaGraph_t g = NULL;
-    cudaGraphExec_t exec = NULL;
     if (st == TERN_OK && p) {
-        if (cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess)
+        if (cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+            st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capturing the step measurement failed");
+        } else {
+            double t = 0.0;
             st = launch_persist(s, p, which);
-        else
-            st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capturing the step measurement failed");
-        const cudaError_t end = cudaStreamEndCapture(s->stream, &g);
-        if (st == TERN_OK && (end != cudaSuccess || cudaGraphInstantiate(&exec, g, 0) != cudaSuccess))
-            st = tern_fail(TERN_ERR_UNSUPPORTED, "cuda: capturing the step measurement failed");
-        double t = 0.0;
-        if (st == TERN_OK && (st = time_graph(exec, s->stream, reps, &t)) == TERN_OK) {
-            *seconds = t / m->hv.n_layer;
-            *done = true;
+            if ((st = end_capture_and_time(s->stream, st, reps, &t)) == TERN_OK) {
+                *seconds = t / m->hv.n_layer;
+                *done = true;
+            }
         }
     }
-    if (exec)
-        cudaGraphExecDestroy(exec);
-    if (g)
-        cudaGraphDestroy(g);
     persist_free(p);
     tern_cuda_session_free(s);
     return st;
@@ -338,9 +342,7 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
         bool done = false;
         TRY(persist_step_time(m, which, reps, seconds, &done));
         if (done) {
-            const cuda_layer *L = &m->layers[0];
-            const dmat &w = which == 0 ? L->qkv : which == 1 ? L->wo : which == 2 ? L->gate_up : L->down;
-            *bytes = (double)w.rows * (double)(w.cols / 4);
+            *bytes = timed_bytes(m, which);
             return TERN_OK;
         }
     }
@@ -367,12 +369,10 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
     cudaStream_t st;
     CUDA_TRY(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    const int32_t launches = which == 4 ? 4 : h->n_layer;
-    double total = 0.0;
+    const int32_t launches = timed_launches(m, which);
     int32_t status = TERN_OK;
     for (int32_t l = 0; l < launches && status == TERN_OK; l++) {
-        const cuda_layer *L = &m->layers[l];
-        const dmat &w = which == 0 ? L->qkv : which == 1 ? L->wo : which == 2 ? L->gate_up : which == 3 ? L->down : m->head;
+        const dmat &w = timed_matrix(m, which, l);
         if (which == 4) {
             status = launch_gemv_i8(w, xq, meta, out, EPI_STORE, st);
         } else { /* the decode kernel (gate|up with its GLU epilogue) on a quantized input */
@@ -382,7 +382,6 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
             a.glu = which == 2; a.relu2 = 1;
             status = launch_gemv_t2_fused(a, st);
         }
-        total += (double)w.rows * (double)(which == 4 ? w.cols : w.cols / 4);
     }
     double s = 0.0;
     status = end_capture_and_time(st, status, reps, &s);
@@ -390,7 +389,7 @@ extern "C" int32_t tern_cuda_gemv_time(tern_cuda_model *m, int32_t which, int32_
     if (status != TERN_OK)
         return status;
     *seconds = s / launches;
-    *bytes = total / launches;
+    *bytes = timed_bytes(m, which);
     return TERN_OK;
 }
 
@@ -403,4 +402,11 @@ extern "C" int32_t tern_cuda_decode_time(tern_cuda_session *s, int32_t top, int3
         return tern_fail(TERN_ERR_INVALID, "tern_cuda_decode_time: no %s graph yet (decode one token with %s first)",
                          top ? "decode_top" : "decode", top ? "tern_cuda_decode_top" : "tern_cuda_forward");
     return time_graph(g, s->stream, reps, seconds);
+}
+
+extern "C" int32_t tern_cuda_gemv_read_floor(tern_cuda_model *m, int32_t which, int32_t reps, double *seconds)
+{
+    if (!m || which < 0 || which > 4 || reps < 1 || !seconds)
+        return tern_fail(TERN_ERR_INVALID, "tern_cuda_gemv_read_floor: bad arguments");
+    return tern_cuda_read_chain_time((uint64_t)timed_bytes(m, which), timed_launches(m, which), reps, seconds);
 }
